@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install napari-protodiff with everything the demo and tests need.
+# Reproducible on the project's machines: every package version comes from
+# constraints.txt (torch and torchvision are pinned there to the builds that lie on
+# this machine's disk, so nothing large is downloaded). pyproject.toml itself only
+# states ranges, so users elsewhere are not forced onto these versions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade "pip>=24" >/dev/null
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[all,testing]"
+echo "installed: $(.venv/bin/protodiff --version)"

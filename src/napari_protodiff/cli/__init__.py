@@ -1,0 +1,75 @@
+"""The ``protodiff`` command: the headless core's front door, one sub-command per stage.
+
+Each stage's commands live in their own module and register on :data:`app`. Errors
+caused by input (:class:`~napari_protodiff.core.errors.ProtodiffError`) print one
+sentence on stderr and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .._version import __version__
+
+app = typer.Typer(
+    name="protodiff",
+    help="Prototype-guided diffusion for digital pathology: slides -> patches -> prototypes -> "
+    "synthetic patches -> encoders -> evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"protodiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    if debug:
+        os.environ["PROTODIFF_DEBUG"] = "1"
+
+
+from . import slides as _slides  # noqa: E402,F401  (registers info, tile)
+from . import demo as _demo  # noqa: E402,F401  (registers demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``protodiff`` script."""
+    from ..core.errors import Cancelled, ProtodiffError
+
+    try:
+        app(args=argv, prog_name="protodiff", standalone_mode=False)
+    except ProtodiffError as exc:
+        if os.environ.get("PROTODIFF_DEBUG"):
+            raise
+        typer.echo(f"protodiff: error: {exc}", err=True)
+        return 130 if isinstance(exc, Cancelled) else 2
+    except KeyboardInterrupt:
+        typer.echo("protodiff: interrupted; run the same command again to resume.", err=True)
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return 1
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

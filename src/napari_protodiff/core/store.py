@@ -1,0 +1,265 @@
+"""The zarr patch store: patches of many slides with coordinates and provenance.
+
+Layout (zarr format 3; see docs/patch-store.md)::
+
+    STORE.zarr/                       attrs["protodiff"] = {kind, format_version, patch_size, mpp, slides: [...]}
+      slides/<slide_id>/              attrs["protodiff"] = slide provenance and status
+        patches          (N, S, S, 3) uint8, one chunk per patch
+        coords           (N, 2) int64, level-0 (x, y) of each patch's top-left corner
+        tissue_fraction  (N,) float32
+        block_start      (B + 1,) int64, patches of block b are block_start[b]:block_start[b+1]
+        block_done       (B,) uint8, one chunk per block: 1 once block b's patches are written
+
+A slide's ``status`` is ``"tiling"`` until every block is written and ``"complete"``
+after; readers skip incomplete slides, and tiling the same slide again resumes it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError
+
+STORE_KIND = "patch-store"
+FORMAT_VERSION = 1
+
+
+def _codec():
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.noshuffle)
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    stem = Path(path).name
+    for ext in (".ome.zarr", ".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    else:
+        stem = Path(stem).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "slide"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("napari-protodiff", "zarr", "numpy", "dask", "tifffile", "openslide-python", "openslide-bin", "scikit-image"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class SlideEntry:
+    """One slide's group in a store."""
+
+    store: "PatchStore"
+    slide_id: str
+
+    @property
+    def group(self):
+        return self.store.root["slides"][self.slide_id]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get("protodiff", {}))
+
+    @property
+    def status(self) -> str:
+        return self.attrs.get("status", "unknown")
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.group["coords"].shape[0])
+
+    def patches(self):
+        """Lazy (N, S, S, 3) uint8 dask array of this slide's patches."""
+        import dask.array as da
+
+        return da.from_zarr(self.group["patches"])
+
+    def coords(self) -> np.ndarray:
+        return np.asarray(self.group["coords"][:])
+
+    def tissue_fraction(self) -> np.ndarray:
+        return np.asarray(self.group["tissue_fraction"][:])
+
+    def blocks_done(self) -> np.ndarray:
+        return np.asarray(self.group["block_done"][:]).astype(bool)
+
+
+class PatchStore:
+    """A patch store on disk (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | Path, mode: str = "r") -> None:
+        import zarr
+
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists() and not (self.path / ".zgroup").exists():
+            raise StoreError(f"{self.path}: not a patch store (no zarr group there).")
+        try:
+            self.root = zarr.open_group(str(self.path), mode=mode)
+        except Exception as exc:
+            raise StoreError(f"{self.path}: cannot open the patch store ({exc}).") from exc
+        meta = self.meta
+        if meta.get("kind") != STORE_KIND:
+            raise StoreError(f"{self.path}: a zarr group but not a protodiff patch store.")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: store format {meta.get('format_version')} is newer than this protodiff reads "
+                f"({FORMAT_VERSION}); upgrade napari-protodiff."
+            )
+
+    # -- creation --------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, patch_size: int, mpp: float) -> "PatchStore":
+        import zarr
+
+        p = Path(path)
+        root = zarr.open_group(str(p), mode="w-", zarr_format=3)
+        root.attrs["protodiff"] = {
+            "kind": STORE_KIND,
+            "format_version": FORMAT_VERSION,
+            "patch_size": int(patch_size),
+            "mpp": float(mpp),
+            "slides": [],
+            "created": now(),
+            "versions": versions(),
+        }
+        root.create_group("slides")
+        return cls(p, mode="r+")
+
+    @staticmethod
+    def is_store(path: str | Path) -> bool:
+        try:
+            PatchStore(path)
+            return True
+        except StoreError:
+            return False
+
+    # -- metadata --------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.root.attrs.get("protodiff", {}))
+
+    def _set_meta(self, **updates: Any) -> None:
+        meta = self.meta
+        meta.update(updates)
+        self.root.attrs["protodiff"] = meta
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.meta["patch_size"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.meta["mpp"])
+
+    @property
+    def slide_ids(self) -> list[str]:
+        """All slides in the store, complete or not, in the order they were added."""
+        return list(self.meta.get("slides", []))
+
+    def slide(self, slide_id: str) -> SlideEntry:
+        if slide_id not in self.slide_ids:
+            raise StoreError(f"{self.path}: no slide '{slide_id}' in this store (it has {', '.join(self.slide_ids) or 'none'}).")
+        return SlideEntry(self, slide_id)
+
+    def slides(self, complete_only: bool = True) -> list[SlideEntry]:
+        entries = [SlideEntry(self, s) for s in self.slide_ids]
+        return [e for e in entries if e.complete] if complete_only else entries
+
+    def find_by_hash(self, content_hash: str) -> SlideEntry | None:
+        for e in self.slides(complete_only=False):
+            if e.attrs.get("content_hash") == content_hash:
+                return e
+        return None
+
+    def unique_slide_id(self, wanted: str) -> str:
+        taken = set(self.slide_ids)
+        if wanted not in taken:
+            return wanted
+        i = 2
+        while f"{wanted}-{i}" in taken:
+            i += 1
+        return f"{wanted}-{i}"
+
+    # -- slides ----------------------------------------------------------------------
+    def add_slide(self, slide_id: str, attrs: dict[str, Any], coords: np.ndarray, tissue_fraction: np.ndarray,
+                  block_start: np.ndarray) -> SlideEntry:
+        """Create a slide's group and arrays (status "tiling"); patches are written later."""
+        n, s = int(coords.shape[0]), self.patch_size
+        g = self.root["slides"].create_group(slide_id)
+        g.attrs["protodiff"] = dict(attrs, status="tiling", n_patches=n, started=now())
+        g.create_array("patches", shape=(n, s, s, 3), chunks=(1, s, s, 3), dtype="uint8",
+                       compressors=[_codec()], fill_value=0, dimension_names=("patch", "y", "x", "c"))
+        g.create_array("coords", data=coords.astype(np.int64), chunks=(max(1, min(n, 65536)), 2),
+                       dimension_names=("patch", "xy"))
+        g.create_array("tissue_fraction", data=tissue_fraction.astype(np.float32), chunks=(max(1, min(n, 65536)),),
+                       dimension_names=("patch",))
+        g.create_array("block_start", data=block_start.astype(np.int64), chunks=(max(1, block_start.shape[0]),))
+        nb = int(block_start.shape[0] - 1)
+        g.create_array("block_done", shape=(nb,), chunks=(1,), dtype="uint8", fill_value=0)
+        self._set_meta(slides=self.slide_ids + [slide_id])
+        return SlideEntry(self, slide_id)
+
+    def mark_complete(self, slide_id: str) -> None:
+        e = self.slide(slide_id)
+        if not e.blocks_done().all():
+            raise StoreError(f"{self.path}: slide '{slide_id}' still has unwritten blocks.")
+        g = e.group
+        g.attrs["protodiff"] = dict(e.attrs, status="complete", finished=now())
+
+    def remove_slide(self, slide_id: str) -> None:
+        if slide_id in self.slide_ids:
+            self._set_meta(slides=[s for s in self.slide_ids if s != slide_id])
+        shutil.rmtree(self.path / "slides" / slide_id, ignore_errors=True)
+
+    # -- whole-store views ---------------------------------------------------------------
+    def patches(self):
+        """All complete slides' patches as one lazy dask array, in ``slide_ids`` order."""
+        import dask.array as da
+
+        parts = [e.patches() for e in self.slides()]
+        if not parts:
+            raise StoreError(f"{self.path}: the store has no completely tiled slide.")
+        return da.concatenate(parts, axis=0)
+
+    def patch_table(self):
+        """(slide_id per patch, coords (N, 2)) for all complete slides, in store order."""
+        ids, coords = [], []
+        for e in self.slides():
+            c = e.coords()
+            coords.append(c)
+            ids.extend([e.slide_id] * len(c))
+        if not coords:
+            return np.array([], dtype=object), np.zeros((0, 2), np.int64)
+        return np.array(ids, dtype=object), np.concatenate(coords)
+
+    def summary(self) -> dict[str, Any]:
+        out = {"path": str(self.path), "patch_size": self.patch_size, "mpp": self.mpp, "slides": []}
+        for e in self.slides(complete_only=False):
+            a = e.attrs
+            out["slides"].append({"slide_id": e.slide_id, "status": e.status, "n_patches": e.n_patches,
+                                  "path": a.get("path"), "patch_mpp": a.get("patch_mpp")})
+        out["n_patches"] = sum(s["n_patches"] for s in out["slides"] if s["status"] == "complete")
+        return out

@@ -1,0 +1,297 @@
+"""Tile slides into a patch store: plan (tissue + grid), then read and write blocks in parallel.
+
+Everything that can fail on bad input (opening, pixel size, tissue, grid) is checked
+for *all* slides before anything is written. Each block of patches is written with
+one zarr call and then marked done, so an interrupted run resumes exactly where it
+stopped: no patch duplicated, none missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ProtodiffError, SlideError, StoreError
+from .executor import run_tasks
+from .grid import GridPlan, plan_grid, read_block
+from .progress import CancelToken, Progress
+from .slide import Slide, check_mpp_value, open_slide
+from .store import PatchStore, slide_id_from_path, versions
+from .tissue import TissueMask, TissueParams, detect_tissue
+
+
+class TilingConfig(BaseModel):
+    """Parameters of the tiling stage (shared by the API, ``protodiff tile`` and the Slides widget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(256, ge=8, le=4096, description="Patch side in pixels.")
+    mpp: float = Field(0.5, gt=0, description="Patch resolution in µm/px.")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="Minimum tissue fraction of a kept patch.")
+    mpp_override: float | None = Field(None, description="Level-0 pixel size (µm/px) to use instead of the file's.")
+    overwrite: bool = Field(False, description="Re-tile slides already in the store.")
+    workers: int = Field(1, ge=1, le=512, description="Parallel local workers (dask threads).")
+    scheduler: str | None = Field(None, description="Address of an existing dask.distributed scheduler.")
+    block_px: int = Field(2048, ge=64, description="Side of a block read at once (px at the read level).")
+    tissue: TissueParams = Field(default_factory=TissueParams)
+
+    @field_validator("mpp")
+    @classmethod
+    def _plausible_mpp(cls, v: float) -> float:
+        check_mpp_value(v, "target resolution")
+        return v
+
+    @field_validator("mpp_override")
+    @classmethod
+    def _plausible_override(cls, v: float | None) -> float | None:
+        return None if v is None else check_mpp_value(v, "mpp override")
+
+
+@dataclass
+class SlidePlan:
+    path: Path
+    slide: Slide
+    slide_id: str
+    content_hash: str
+    tissue: TissueMask
+    grid: GridPlan
+    action: str = "new"  # new | resume | skip | overwrite
+    blocks_todo: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TilingResult:
+    store: str
+    slides: list[dict[str, Any]]
+    seconds: float
+    patches_written: int
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.patches_written / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"store": self.store, "slides": self.slides, "seconds": round(self.seconds, 3),
+                "patches_written": self.patches_written, "patches_per_second": round(self.patches_per_second, 1)}
+
+
+def plan_slide(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, TissueMask, GridPlan]:
+    """Open a slide, detect tissue and lay the grid; raises a one-sentence error on bad input."""
+    slide = open_slide(path, mpp_override=config.mpp_override)
+    slide.require_mpp()
+    mask = detect_tissue(slide, config.tissue)
+    if not mask.mask.any():
+        raise SlideError(f"{slide.path}: no tissue found (the slide looks blank at {mask.mpp or 0:.3g} µm/px).")
+    grid = plan_grid(slide, mask, config.size, config.mpp, config.min_tissue, config.block_px)
+    if grid.n_patches == 0:
+        raise SlideError(
+            f"{slide.path}: no {config.size}-px patch at {config.mpp:g} µm/px has at least "
+            f"{config.min_tissue:.0%} tissue; lower --min-tissue or check the slide."
+        )
+    return slide, mask, grid
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is a file, not a patch store.")
+    if out.exists() and any(out.iterdir()) and not PatchStore.is_store(out):
+        raise StoreError(f"{out}: exists and is not a patch store; choose another output.")
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"{out}: cannot write there (permission denied on {parent}).")
+
+
+# -- the unit of parallel work (module level so dask can pickle it) -------------------------
+@lru_cache(maxsize=8)
+def _worker_slide(path: str, mpp_override: float | None) -> Slide:
+    return open_slide(path, mpp_override=mpp_override)
+
+
+@lru_cache(maxsize=32)
+def _worker_arrays(store: str, slide_id: str):
+    import zarr
+
+    g = zarr.open_group(os.path.join(store, "slides", slide_id), mode="r+")
+    return g["patches"], g["block_done"]
+
+
+def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
+    """Read one block of patches from its slide and write it to the store."""
+    slide = _worker_slide(task["path"], task["mpp_override"])
+    patches_arr, done_arr = _worker_arrays(task["store"], task["slide_id"])
+    s, e = task["start"], task["stop"]
+    pix = read_block(slide, task["level"], task["lds"], task["read_size"], task["size"], task["coords"])
+    patches_arr[s:e] = pix
+    done_arr[task["block"]] = 1
+    return task["slide_id"], task["block"], e - s
+
+
+def tile_slides(
+    paths: Sequence[str | os.PathLike],
+    store: str | os.PathLike,
+    config: TilingConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> Iterator[Progress]:
+    """Tile ``paths`` into the patch store at ``store``; a generator of progress events.
+
+    Returns (``StopIteration.value``) a :class:`TilingResult`. Use
+    :func:`napari_protodiff.core.progress.drain` to run it without watching.
+    """
+    cfg = config or TilingConfig()
+    out = Path(store)
+    if not paths:
+        raise ProtodiffError("No slide given to tile.")
+    _check_output(out)
+
+    # 1. plan every slide before writing anything
+    plans: list[SlidePlan] = []
+    seen: dict[str, Path] = {}
+    for i, p in enumerate(paths):
+        yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
+        slide, mask, grid = plan_slide(p, cfg)
+        h = slide.content_hash()
+        if h in seen:
+            raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
+        seen[h] = Path(p)
+        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid))
+
+    # 2. decide what to do with the store and each slide
+    created = False
+    if out.exists() and PatchStore.is_store(out):
+        st = PatchStore(out, mode="r+")
+        if st.patch_size != cfg.size or abs(st.mpp - cfg.mpp) > 1e-9:
+            if not cfg.overwrite:
+                raise StoreError(
+                    f"{out}: the store holds {st.patch_size}-px patches at {st.mpp:g} µm/px, not {cfg.size} px at "
+                    f"{cfg.mpp:g} µm/px; use another store (or --overwrite to replace the whole store)."
+                )
+            shutil.rmtree(out)
+            st, created = PatchStore.create(out, cfg.size, cfg.mpp), True
+    else:
+        if out.exists():
+            out.rmdir()  # an empty folder
+        st, created = PatchStore.create(out, cfg.size, cfg.mpp), True
+
+    new_ids: list[str] = []
+    try:
+        for sp in plans:
+            existing = st.find_by_hash(sp.content_hash)
+            if existing is not None and existing.complete and not cfg.overwrite:
+                sp.action, sp.slide_id = "skip", existing.slide_id
+                continue
+            if existing is not None and not existing.complete and not cfg.overwrite:
+                same = existing.attrs.get("grid_key") == _grid_key(sp, cfg)
+                if same:
+                    sp.action, sp.slide_id = "resume", existing.slide_id
+                    sp.blocks_todo = [int(b) for b in np.flatnonzero(~existing.blocks_done())]
+                    continue
+                raise StoreError(
+                    f"{out}: slide '{existing.slide_id}' was partly tiled with other parameters; "
+                    "re-tile it with --overwrite."
+                )
+            if existing is not None:
+                sp.action = "overwrite"
+                st.remove_slide(existing.slide_id)
+                sp.slide_id = st.unique_slide_id(existing.slide_id)
+            else:
+                sp.slide_id = st.unique_slide_id(sp.slide_id)
+            st.add_slide(sp.slide_id, _slide_attrs(sp, cfg), sp.grid.coords, sp.grid.tissue_fraction,
+                         sp.grid.block_start)
+            new_ids.append(sp.slide_id)
+            sp.blocks_todo = list(range(sp.grid.n_blocks))
+
+        # 3. read and write blocks in parallel
+        tasks = [_task(sp, b, out, cfg) for sp in plans for b in sp.blocks_todo]
+        total = sum(t["stop"] - t["start"] for t in tasks)
+        done = 0
+        t0 = time.perf_counter()
+        yield Progress(0, total, f"tiling {len(tasks)} blocks from {len(plans)} slide(s)")
+        for _sid, _b, n in run_tasks(tile_block, tasks, workers=cfg.workers, scheduler=cfg.scheduler, cancel=cancel):
+            done += n
+            rate = done / max(1e-9, time.perf_counter() - t0)
+            yield Progress(done, total, f"{done}/{total} patches", {"patches_per_second": rate})
+        seconds = time.perf_counter() - t0
+        for sp in plans:
+            if sp.action != "skip":
+                st.mark_complete(sp.slide_id)
+    except BaseException:
+        # Errors (not interruptions) leave no half-written slide behind: a new slide's
+        # group is removed, and a store this run created is removed if nothing is left.
+        # A cancelled or killed run keeps its blocks (status "tiling") so it can resume.
+        import sys
+
+        exc = sys.exc_info()[1]
+        interrupted = isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "Cancelled"
+        if not interrupted:
+            for sid in new_ids:
+                st.remove_slide(sid)
+            if created and not st.slide_ids:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        for sp in plans:
+            sp.slide.close()
+        _worker_slide.cache_clear()
+        _worker_arrays.cache_clear()
+
+    slides_out = []
+    for sp in plans:
+        slides_out.append({
+            "slide_id": sp.slide_id, "path": str(sp.path), "action": sp.action,
+            "n_patches": sp.grid.n_patches, "level": sp.grid.level, "patch_mpp": sp.grid.patch_mpp,
+            "resampled": sp.grid.resampled, "tissue_fraction": round(sp.tissue.tissue_fraction, 4),
+        })
+    return TilingResult(str(out), slides_out, seconds, done)
+
+
+def _grid_key(sp: SlidePlan, cfg: TilingConfig) -> str:
+    g = sp.grid
+    return f"{cfg.size}|{cfg.mpp}|{cfg.min_tissue}|{g.level}|{g.read_size}|{g.n_patches}|{g.n_blocks}|{cfg.block_px}"
+
+
+def _slide_attrs(sp: SlidePlan, cfg: TilingConfig) -> dict[str, Any]:
+    info, g = sp.slide.info, sp.grid
+    return {
+        "path": str(sp.path.resolve()),
+        "content_hash": sp.content_hash,
+        "backend": info.backend,
+        "vendor": info.vendor,
+        "dimensions": list(info.dimensions),
+        "slide_mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "mpp_reported": list(info.mpp_reported) if info.mpp_reported else None,
+        "objective_power": info.objective_power,
+        "level": g.level,
+        "level_downsample": g.level_downsample,
+        "read_size": g.read_size,
+        "resampled": g.resampled,
+        "patch_size": g.patch_size,
+        "patch_mpp": g.patch_mpp,
+        "footprint_level0": g.footprint,
+        "grid_shape": list(g.grid_shape),
+        "tissue_mask": {"downsample": sp.tissue.downsample, "mpp": sp.tissue.mpp,
+                        "tissue_fraction": sp.tissue.tissue_fraction},
+        "params": cfg.model_dump(mode="json", exclude={"workers", "scheduler", "overwrite"}),
+        "grid_key": _grid_key(sp, cfg),
+        "versions": versions(),
+    }
+
+
+def _task(sp: SlidePlan, b: int, out: Path, cfg: TilingConfig) -> dict[str, Any]:
+    s, e = int(sp.grid.block_start[b]), int(sp.grid.block_start[b + 1])
+    return {
+        "path": str(sp.path.resolve()), "mpp_override": cfg.mpp_override, "store": str(out.resolve()),
+        "slide_id": sp.slide_id, "block": b, "start": s, "stop": e, "level": sp.grid.level,
+        "lds": sp.grid.level_downsample, "read_size": sp.grid.read_size, "size": sp.grid.patch_size,
+        "coords": sp.grid.coords[s:e],
+    }

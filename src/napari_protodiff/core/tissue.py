@@ -1,0 +1,149 @@
+"""Tissue detection at low resolution with scikit-image.
+
+Tissue is what is coloured (HSV saturation above an Otsu threshold, with a floor),
+minus pen ink (blue/green hues, black marker), minus dark debris, minus small specks
+(dust) given as an area in µm², with small holes filled. The mask carries its own
+scale: ``downsample`` (level-0 pixels per mask pixel) and ``mpp`` (µm per mask pixel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .slide import Slide
+
+
+class TissueParams(BaseModel):
+    """Parameters of :func:`detect_tissue` (shared by the API, CLI and Slides widget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mask_mpp: float = Field(8.0, gt=0, description="Resolution of the mask (µm/px) when the slide's mpp is known.")
+    max_mask_side: int = Field(4096, ge=64, description="Largest side of the mask (px); bounds memory for huge slides.")
+    min_saturation: float = Field(0.07, ge=0, le=1, description="Floor on the saturation threshold (0-1).")
+    max_brightness: float = Field(0.96, ge=0, le=1, description="Brighter pixels (HSV value) are glass.")
+    min_brightness: float = Field(0.12, ge=0, le=1, description="Darker pixels are black ink or debris.")
+    reject_ink: bool = Field(True, description="Reject blue and green pen marks.")
+    ink_hue_range: tuple[float, float] = Field((0.22, 0.70), description="Hue range (0-1) of pen ink: green to blue.")
+    ink_min_saturation: float = Field(0.25, ge=0, le=1, description="Ink is strongly saturated.")
+    ink_margin_um: float = Field(50.0, ge=0, description="Also reject this far around ink (µm).")
+    min_object_um2: float = Field(20000.0, ge=0, description="Remove specks (dust) smaller than this area (µm²).")
+    max_hole_um2: float = Field(5000.0, ge=0, description="Fill holes smaller than this area (µm²).")
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask with its own scale."""
+
+    mask: np.ndarray
+    downsample: float
+    """Level-0 pixels per mask pixel."""
+    mpp: float | None
+    """µm per mask pixel (``None`` when the slide's pixel size is unknown)."""
+    ink: np.ndarray | None = None
+
+    @property
+    def tissue_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def fraction_in(self, x0: float, y0: float, w: float, h: float) -> float:
+        """Share of tissue inside a level-0 rectangle (x0, y0, w, h)."""
+        d = self.downsample
+        mx0, my0 = int(np.floor(x0 / d)), int(np.floor(y0 / d))
+        mx1, my1 = int(np.ceil((x0 + w) / d)), int(np.ceil((y0 + h) / d))
+        sub = self.mask[max(0, my0) : my1, max(0, mx0) : mx1]
+        return float(sub.mean()) if sub.size else 0.0
+
+
+def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """Drop connected components smaller than ``min_px`` pixels (8-connectivity)."""
+    from skimage import measure
+
+    if min_px <= 1 or not mask.any():
+        return mask
+    labels = measure.label(mask, connectivity=2)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill background components smaller than ``max_px`` pixels."""
+    from skimage import measure
+
+    if max_px <= 0:
+        return mask
+    labels = measure.label(~mask, connectivity=1)
+    sizes = np.bincount(labels.ravel())
+    small = sizes < max_px
+    small[0] = False
+    return mask | small[labels]
+
+
+def _px_area(um2: float, mpp_mask: float | None, fallback_px: int) -> int:
+    if mpp_mask is None:
+        return fallback_px
+    return int(round(um2 / (mpp_mask * mpp_mask)))
+
+
+def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue and ink masks of an RGB uint8 image whose pixels are ``mpp`` µm (or unknown)."""
+    from scipy import ndimage
+    from skimage import color, filters, morphology
+
+    p = params or TissueParams()
+    hsv = color.rgb2hsv(rgb)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    glass = v > p.max_brightness
+    dark = v < p.min_brightness
+    cand = ~glass & ~dark
+    # Otsu on saturation of non-glass pixels, never below the floor.
+    vals = s[cand]
+    thr = p.min_saturation
+    if vals.size > 64 and np.ptp(vals) > 1e-3:
+        thr = max(thr, float(filters.threshold_otsu(vals)) * 0.5)
+    tissue = cand & (s > thr)
+
+    ink = np.zeros_like(tissue)
+    if p.reject_ink:
+        lo, hi = p.ink_hue_range
+        ink = (h >= lo) & (h <= hi) & (s >= p.ink_min_saturation) & ~glass
+        ink |= dark  # black marker and debris
+        small_ink = _px_area(2000.0, mpp, 16)
+        ink = _remove_small(ink, small_ink)
+        if mpp is not None and p.ink_margin_um > 0:
+            r = int(round(p.ink_margin_um / mpp))
+            if r > 0:
+                ink = ndimage.binary_dilation(ink, morphology.disk(r).astype(bool))
+        tissue &= ~ink
+
+    min_obj = _px_area(p.min_object_um2, mpp, max(16, tissue.size // 20000))
+    max_hole = _px_area(p.max_hole_um2, mpp, max(4, tissue.size // 100000))
+    tissue = ndimage.binary_closing(tissue, morphology.disk(1).astype(bool), border_value=0)
+    tissue = _fill_holes(tissue, max_hole)
+    if p.reject_ink:
+        tissue &= ~ink
+    tissue = _remove_small(tissue, min_obj)
+    return tissue, ink
+
+
+def mask_downsample(slide: Slide, params: TissueParams) -> float:
+    """Level-0 pixels per mask pixel for this slide and these parameters."""
+    w0, h0 = slide.info.dimensions
+    ds = 1.0
+    if slide.mpp is not None:
+        ds = max(1.0, params.mask_mpp / slide.mpp)
+    return max(ds, max(w0, h0) / params.max_mask_side)
+
+
+def detect_tissue(slide: Slide, params: TissueParams | None = None) -> TissueMask:
+    """Detect tissue on a low-resolution view of ``slide``."""
+    p = params or TissueParams()
+    rgb, ds = slide.read_downsampled(mask_downsample(slide, p))
+    mpp = None if slide.mpp is None else slide.mpp * ds
+    tissue, ink = detect_tissue_rgb(rgb, p, mpp)
+    return TissueMask(mask=tissue, downsample=ds, mpp=mpp, ink=ink)
