@@ -1,0 +1,1 @@
+"""napari front end: reader, sample data and dock widgets (thin; everything computes in ``core``)."""

@@ -1,0 +1,31 @@
+"""Fixtures for the napari tests: a viewer with the Slides widget docked, and notifications."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def notes():
+    """A function returning the napari notifications (severity, message) dispatched since the test began."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+
+    def since() -> list[tuple[str, str]]:
+        return [(str(n.severity).upper(), str(n.message)) for n in notification_manager.records[start:]]
+
+    return since
+
+
+@pytest.fixture
+def slides_widget(make_napari_viewer, qtbot):
+    """The Slides widget docked in a fresh viewer; waits for its jobs before the viewer closes."""
+    from napari_protodiff._napari.slides_widget import SlidesWidget
+
+    viewer = make_napari_viewer()
+    widget = SlidesWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Slides")
+    yield widget
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
