@@ -102,15 +102,17 @@ def _distributed(fn, tasks, address, cancel) -> Iterator[Any]:
     except ImportError as exc:  # pragma: no cover - dependency of the package
         raise ProtodiffError("dask.distributed is not installed; install 'distributed' to use --scheduler.") from exc
     try:
-        client = Client(address, timeout="10s", set_as_default=False)
+        client = Client(address, timeout="5s", set_as_default=False)
     except (OSError, TimeoutError) as exc:
         raise ProtodiffError(f"Cannot reach the dask scheduler at {address} ({exc}).") from exc
     futures = client.map(fn, tasks, pure=False)
     try:
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             if cancel is not None and cancel.cancelled:
                 raise Cancelled("The job was cancelled.")
             yield fut.result()
     finally:
-        client.cancel(futures)
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
         client.close()

@@ -262,7 +262,7 @@ class Slide:
         img = self.read_region(level, 0, 0, lv.width, lv.height)
         w0, h0 = self.info.dimensions
         out_w = max(1, int(round(w0 / downsample)))
-        out_h = max(1, int(round(h0 / downsample)))
+        out_h = max(1, int(round(h0 * out_w / w0)))  # one scale for both axes
         if (out_w, out_h) != (lv.width, lv.height):
             img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.Resampling.BOX))
         return img, w0 / out_w

