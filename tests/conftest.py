@@ -37,3 +37,9 @@ def he_png() -> Path:
 @pytest.fixture(scope="session")
 def nuclei_jpg() -> Path:
     return DATA / "stardist-he-nuclei.jpg"
+
+
+@pytest.fixture(scope="session")
+def dicom_dir() -> Path:
+    """DICOM WSI series folder (CMU-1-Small-Region converted with wsidicomizer)."""
+    return DATA / "dicom-cmu-small"

@@ -145,3 +145,20 @@ def test_slide_pickles_by_reopening(cmu_svs):
     with open_slide(cmu_svs) as s:
         s2 = pickle.loads(pickle.dumps(s))
         np.testing.assert_array_equal(s2.read_region(0, 0, 0, 64, 64), s.read_region(0, 0, 0, 64, 64))
+
+
+def test_dicom_wsi_series(dicom_dir, cmu_svs):
+    """A real DICOM WSI series (CMU-1-Small-Region converted by wsidicomizer), via OpenSlide."""
+    for target in (dicom_dir, next(dicom_dir.glob("*.dcm"))):
+        with open_slide(target) as s:
+            assert s.info.backend == "openslide" and s.info.vendor == "dicom"
+            assert s.info.dimensions == (2220, 2967) and len(s.levels) == 5
+            assert s.info.mpp == pytest.approx(0.499)
+            assert {"label", "macro", "thumbnail"} <= set(s.info.associated_images)
+            with open_slide(cmu_svs) as svs:
+                # Level 0 holds the SVS's JPEG tiles unchanged.
+                np.testing.assert_array_equal(s.read_region(0, 480, 720, 300, 200), svs.read_region(0, 480, 720, 300, 200))
+    # Any file of the series and the folder itself identify the same slide.
+    from napari_protodiff.core.slide import file_hash
+
+    assert file_hash(dicom_dir) == file_hash(next(dicom_dir.glob("*.dcm")))

@@ -113,6 +113,8 @@ def check_mpp_value(mpp: float, what: str = "pixel size") -> float:
 def _backend_for(path: Path) -> str:
     suffixes = "".join(path.suffixes[-2:]).lower()
     ext = path.suffix.lower()
+    if path.is_dir() and next(path.glob("*.dcm"), None) is not None:
+        return "openslide"  # a DICOM WSI series folder
     if path.is_dir() or ext in ZARR_EXTENSIONS or suffixes.endswith(".zarr"):
         return "omezarr"
     if ext in OPENSLIDE_EXTENSIONS:
@@ -277,12 +279,15 @@ def file_hash(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     files = [p]
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
+    elif p.suffix.lower() == ".dcm":
+        files = sorted(p.parent.glob("*.dcm"))  # every instance of the series folder
+        p = p.parent
     elif p.suffix.lower() == ".mrxs" and p.with_suffix("").is_dir():
         files += sorted(f for f in p.with_suffix("").rglob("*") if f.is_file())
     h = hashlib.sha256()
     for f in files:
         if f != p:
-            h.update(str(f.relative_to(p.parent)).encode())
+            h.update(str(f.relative_to(p if p.is_dir() else p.parent)).encode())
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
                 h.update(block)

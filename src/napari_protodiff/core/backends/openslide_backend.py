@@ -43,6 +43,8 @@ class OpenSlideBackend:
     def __init__(self, path: Path) -> None:
         openslide = _openslide()
         self.path = path
+        if path.is_dir():  # a DICOM WSI series folder: OpenSlide takes any of its files
+            path = min(path.glob("*.dcm"))
         try:
             self._osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
