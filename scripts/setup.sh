@@ -10,6 +10,11 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade "pip>=24" >/dev/null
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[all,testing]"
+log=.venv/install.log
+if ! { .venv/bin/python -m pip install --upgrade "pip>=24" &&
+       .venv/bin/python -m pip install -c constraints.txt -e ".[all,testing]"; } >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" | tail -40 >&2
+  echo "setup failed; the whole pip log is in $log" >&2
+  exit 1
+fi
 echo "installed: $(.venv/bin/protodiff --version)"
