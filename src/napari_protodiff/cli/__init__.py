@@ -43,6 +43,7 @@ from . import slides as _slides  # noqa: E402,F401  (registers info, tile)
 from . import demo as _demo  # noqa: E402,F401  (registers demo)
 from . import pretrain as _pretrain  # noqa: E402,F401  (registers pretrain)
 from . import jobs as _jobs  # noqa: E402,F401  (registers jobs list/show)
+from . import prototypes as _prototypes  # noqa: E402,F401  (registers embed, prototypes, prototype-map)
 
 
 def main(argv: list[str] | None = None) -> int:
