@@ -214,7 +214,7 @@ def _rescale(patch: np.ndarray, scale: float) -> np.ndarray:
     import torch.nn.functional as F
 
     size = max(1, int(round(patch.shape[0] * scale)))
-    t = torch.as_tensor(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float()
+    t = torch.from_numpy(np.array(patch, dtype=np.uint8)).permute(2, 0, 1)[None].float()
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return t[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 

@@ -112,7 +112,7 @@ def resolve_encoder(spec: str | os.PathLike) -> Path:
     p = Path(spec).expanduser()
     if p.is_dir():
         for cand in (p, p / "outputs" / "encoder"):
-            if (cand / CONFIG).is_file():
+            if (cand / CONFIG).is_file() and (cand / WEIGHTS).is_file():
                 return cand
         if (p / "run.json").is_file():
             raise EncoderError(f"{p}: this run has not exported an encoder yet (no outputs/encoder); "
