@@ -1,0 +1,94 @@
+"""A Qt form for chosen fields of a pydantic config model.
+
+Defaults, bounds (``ge``/``gt``/``le``/``lt``) and tooltips (``description``) come from
+the model itself, so the widget, the CLI and the API share one definition of every
+parameter. ``values()`` returns a dict to build the model with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
+
+_INT_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """How to show one field: its label, decimals (floats), step and optional upper bound."""
+
+    label: str
+    decimals: int = 2
+    step: float | None = None
+    maximum: float | None = None
+
+
+def _bounds(field, decimals: int) -> tuple[float | None, float | None]:
+    lo = hi = None
+    eps = 10.0**-decimals
+    for m in field.metadata:
+        if getattr(m, "ge", None) is not None:
+            lo = m.ge
+        if getattr(m, "gt", None) is not None:
+            lo = m.gt + eps
+        if getattr(m, "le", None) is not None:
+            hi = m.le
+        if getattr(m, "lt", None) is not None:
+            hi = m.lt - eps
+    return lo, hi
+
+
+class ModelForm(QWidget):
+    """Rows of spin boxes and check boxes for ``rows`` (field name -> :class:`Row`) of ``model``."""
+
+    def __init__(self, model: type, rows: dict[str, Row], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model = model
+        self.widgets: dict[str, QWidget] = {}
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for name, row in rows.items():
+            field = model.model_fields[name]
+            w = self._make(field, row)
+            w.setToolTip(field.description or "")
+            w.setObjectName(name)
+            self.widgets[name] = w
+            layout.addRow(row.label, w)
+        self.set_values(**{n: model.model_fields[n].default for n in rows})
+
+    @staticmethod
+    def _make(field, row: Row) -> QWidget:
+        kind = field.annotation
+        if kind is bool:
+            return QCheckBox()
+        if kind is int:
+            w = QSpinBox()
+            lo, hi = _bounds(field, 0)
+            w.setRange(int(lo if lo is not None else -_INT_MAX), int(min(hi or _INT_MAX, row.maximum or _INT_MAX)))
+            w.setSingleStep(int(row.step or 1))
+            return w
+        if kind is float:
+            w = QDoubleSpinBox()
+            w.setDecimals(row.decimals)
+            lo, hi = _bounds(field, row.decimals)
+            top = min(hi if hi is not None else 1e9, row.maximum if row.maximum is not None else 1e9)
+            w.setRange(lo if lo is not None else -1e9, top)
+            w.setSingleStep(row.step or 10.0**-row.decimals)
+            return w
+        raise TypeError(f"ModelForm cannot show a field of type {kind!r}.")
+
+    def values(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, w in self.widgets.items():
+            out[name] = w.isChecked() if isinstance(w, QCheckBox) else w.value()
+        return out
+
+    def set_values(self, **values: Any) -> None:
+        for name, v in values.items():
+            w = self.widgets[name]
+            if isinstance(w, QCheckBox):
+                w.setChecked(bool(v))
+            else:
+                w.setValue(v)

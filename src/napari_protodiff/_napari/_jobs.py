@@ -1,0 +1,62 @@
+"""Core jobs as napari thread workers, with the user's errors returned as values.
+
+A :class:`~napari_protodiff.core.errors.ProtodiffError` (bad input) or a cancellation
+comes back as an :class:`Outcome` so the widget shows its one sentence as a
+notification; anything else is a bug and goes to napari's error handler with its
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass
+class Outcome:
+    """What a job ended with: a value, a user error, or a cancellation."""
+
+    value: Any = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+def plan_job(frame, config) -> Outcome:
+    """Tissue mask and patch grid of the slide in ``frame`` (a :class:`.overlays.SlideFrame`),
+    as layer data of the two overlays (built here, off the UI thread)."""
+    from ..core.errors import ProtodiffError
+    from ..core.tiling import plan_slide
+    from .overlays import grid_layer_data, tissue_layer_data
+
+    try:
+        slide, mask, grid = plan_slide(frame.path, config)
+    except ProtodiffError as exc:
+        return Outcome(error=str(exc))
+    slide.close()
+    return Outcome(value=(mask, grid, [tissue_layer_data(mask, frame), grid_layer_data(grid, frame)]))
+
+
+def tile_job(paths: Sequence[str | os.PathLike], store: str, config, cancel):
+    """``core.tiling.tile_slides`` as a generator of progress events ending in an :class:`Outcome`."""
+    from ..core.errors import Cancelled, ProtodiffError
+    from ..core.tiling import tile_slides
+
+    try:
+        result = yield from tile_slides(paths, store, config, cancel=cancel)
+    except Cancelled:
+        return Outcome(cancelled=True)
+    except ProtodiffError as exc:
+        return Outcome(error=str(exc))
+    return Outcome(value=result)
+
+
+def start(func, *args, **connect):
+    """Create a napari worker for ``func(*args)``, connect ``signal=slot`` pairs, start it."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(func, *args, _start_thread=False)
+    for signal, slot in connect.items():
+        getattr(worker, signal).connect(slot)
+    worker.start()
+    return worker

@@ -1,0 +1,93 @@
+"""Layers drawn over a slide layer: the tissue mask and the patch grid, aligned in world units.
+
+A coarse layer whose pixel ``i`` covers level-0 pixels ``[i*ds, (i+1)*ds)`` is aligned to
+a level-0 slide layer (scale ``s``, translate ``t``) by scale ``ds*s`` and translate
+``t + (ds-1)/2*s``: napari puts pixel centres at integer data coordinates, so the
+coarse pixel's centre must land on the centre of the level-0 block it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+#: Metadata key of an overlay layer: its kind ("tissue" or "patches").
+OVERLAY_KEY = "protodiff_overlay"
+
+TISSUE, INK = 1, 2
+TISSUE_COLORS = {None: "transparent", 0: "transparent", TISSUE: "#2ee66b", INK: "#2f6bff"}
+
+
+@dataclass(frozen=True)
+class SlideFrame:
+    """Where a slide layer sits in the world: what overlays need of it (plain values, thread-safe)."""
+
+    name: str
+    path: str
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    units: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, layer) -> "SlideFrame":
+        return cls(layer.name, layer.metadata["path"], tuple(layer.scale), tuple(layer.translate), tuple(layer.units))
+
+
+def aligned(downsample: float, scale: Sequence[float], translate: Sequence[float]) -> tuple[tuple, tuple]:
+    """Scale and translate of a layer ``downsample`` times coarser than a level-0 slide layer."""
+    s = np.asarray(scale, float)
+    t = np.asarray(translate, float)
+    return tuple(s * downsample), tuple(t + (downsample - 1) / 2 * s)
+
+
+def tissue_layer_data(mask, frame: SlideFrame) -> tuple[np.ndarray, dict[str, Any], str]:
+    """Labels layer data of a :class:`~napari_protodiff.core.tissue.TissueMask` (1 tissue, 2 ink)."""
+    labels = mask.mask.astype(np.uint8) * TISSUE
+    if mask.ink is not None:
+        labels[mask.ink & ~mask.mask] = INK
+    scale, translate = aligned(mask.downsample, frame.scale, frame.translate)
+    kwargs = {
+        "name": f"{frame.name} tissue",
+        "scale": scale,
+        "translate": translate,
+        "units": frame.units,
+        "opacity": 0.35,
+        "colormap": TISSUE_COLORS,
+        "metadata": {OVERLAY_KEY: "tissue", "slide_path": frame.path, "downsample": mask.downsample,
+                     "mask_mpp": mask.mpp, "tissue_fraction": mask.tissue_fraction},
+    }
+    return labels, kwargs, "labels"
+
+
+def grid_layer_data(grid, frame: SlideFrame) -> tuple[np.ndarray, dict[str, Any], str]:
+    """Labels layer data of a :class:`~napari_protodiff.core.grid.GridPlan`: one pixel per grid cell.
+
+    A kept cell's label is its patch's index in the store plus one (0: not kept), so
+    hovering a cell shows which patch it is; ``features`` hold its coordinates.
+    """
+    rows, cols = grid.grid_shape
+    labels = np.zeros((rows, cols), dtype=np.int32)
+    labels[grid.grid_index[:, 0], grid.grid_index[:, 1]] = np.arange(1, grid.n_patches + 1)
+    scale, translate = aligned(grid.footprint, frame.scale, frame.translate)
+    import pandas as pd
+
+    features = pd.DataFrame({
+        "index": np.arange(1, grid.n_patches + 1),
+        "patch": np.arange(grid.n_patches),
+        "x": grid.coords[:, 0],
+        "y": grid.coords[:, 1],
+        "tissue_fraction": grid.tissue_fraction,
+    })
+    kwargs = {
+        "name": f"{frame.name} patches",
+        "scale": scale,
+        "translate": translate,
+        "units": frame.units,
+        "opacity": 0.3,
+        "features": features,
+        "metadata": {OVERLAY_KEY: "patches", "slide_path": frame.path, "footprint": grid.footprint,
+                     "patch_size": grid.patch_size, "patch_mpp": grid.patch_mpp, "n_patches": grid.n_patches},
+    }
+    return labels, kwargs, "labels"
