@@ -115,6 +115,9 @@ class RunDir:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
     # -- files ---------------------------------------------------------------------------
     @property
     def checkpoints(self) -> Path:

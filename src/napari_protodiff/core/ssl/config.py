@@ -23,7 +23,7 @@ ARCHS: dict[str, str] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         patch_size=8, global_size=32, local_size=16, n_local=2, out_dim=1024, hidden_dim=512, bottleneck_dim=128,
-        batch_size=32, epochs=3, images_per_epoch=512, lr=5e-4, warmup_epochs=1, warmup_teacher_temp_epochs=1,
+        batch_size=32, epochs=3, images_per_epoch=512, lr=2e-3, warmup_epochs=1, warmup_teacher_temp_epochs=1,
         drop_path=0.0, freeze_last_layer=0, momentum_teacher=0.99,
     ),
     "small": dict(
