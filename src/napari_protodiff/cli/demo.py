@@ -39,7 +39,7 @@ def demo(
     t0 = time.perf_counter()
     report: dict = {"slide": str(src), "outputs": {}}
 
-    typer.echo(f"[1/2] slide: {src}")
+    typer.echo(f"[1/3] slide: {src}")
     with open_slide(src) as s:
         report["slide_info"] = s.info.to_dict()
         cfg = TilingConfig(workers=workers)
@@ -51,7 +51,7 @@ def demo(
     typer.echo(f"      {s.info.dimensions[0]} x {s.info.dimensions[1]} px at {s.info.mpp} µm/px; "
                f"tissue {mask.tissue_fraction:.0%} of the slide; {grid.n_patches} patches planned")
 
-    typer.echo("[2/2] tiling into a patch store")
+    typer.echo("[2/3] tiling into a patch store")
     store_path = output / "patches.zarr"
     result = run_with_progress(tile_slides([src], store_path, cfg))
     st = PatchStore(store_path)
@@ -59,13 +59,42 @@ def demo(
     mosaic = mosaic_png(entry.patches()[: min(32, entry.n_patches)].compute(), output / "patches_mosaic.png")
     report["tiling"] = result.to_dict()
     report["outputs"].update(patch_store=str(store_path), patches_mosaic=str(mosaic))
+    typer.echo(f"      {result.patches_written} patches ({result.patches_per_second:.0f} patches/s)")
+
+    typer.echo("[3/3] embedding (built-in stain/texture encoder) and prototypes")
+    report["prototypes"] = _prototypes_stage(store_path, output, report["outputs"])
     report["seconds"] = round(time.perf_counter() - t0, 2)
     (output / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
-    typer.echo(f"      {result.patches_written} patches ({result.patches_per_second:.0f} patches/s)")
     typer.echo("")
     typer.echo(f"Done in {report['seconds']} s. Outputs in {output.resolve()}:")
     typer.echo(f"  patch store      {store_path}   (open: protodiff info {store_path})")
     typer.echo(f"  tissue + grid    {overlay}")
     typer.echo(f"  patch mosaic     {mosaic}")
+    typer.echo(f"  prototype map    {report['outputs']['prototype_map']}")
+    typer.echo(f"  exemplars        {report['outputs']['prototype_exemplars']}")
     typer.echo(f"  report           {output / 'demo_report.json'}")
     typer.echo("  napari           napari " + str(src) + "  (then Plugins > protodiff > Slides)")
+
+
+def _prototypes_stage(store_path: Path, output: Path, outputs: dict) -> dict:
+    """Embed the demo store with the built-in encoder, fit a few prototypes, draw them."""
+    from ..core.embedding import embed_store
+    from ..core.figures import exemplar_gallery_png
+    from ..core.progress import drain
+    from ..core.prototype_map import export_prototype_map, palette
+    from ..core.prototypes import PrototypeConfig, exemplar_patches, fit_prototypes
+    from ..core.store import PatchStore
+
+    emb = run_with_progress(embed_store(store_path))
+    n = emb.patches_embedded
+    k = max(1, min(4, n))
+    res = drain(fit_prototypes(store_path, PrototypeConfig(k=k, seed=0, n_exemplars=8)))
+    sid = PatchStore(store_path).slide_ids[0]
+    m = export_prototype_map(store_path, sid, output / "prototype_map.ome.tif", output / "prototype_map.png")
+    rows = exemplar_patches(store_path, 8)
+    gallery = exemplar_gallery_png(rows, palette(k), output / "prototype_exemplars.png",
+                                   titles=[f"{j}:{res.sizes[j]}" for j in range(k)])
+    outputs.update(prototype_map=m["png"], prototype_labels=m["map"], prototype_exemplars=str(gallery))
+    typer.echo(f"      {n} patches embedded ({emb.patches_per_second:.0f} patches/s); {k} prototypes, sizes "
+               + ", ".join(str(v) for v in res.sizes))
+    return {"embedding": emb.to_dict(), "fit": res.to_dict(), "map": m}
