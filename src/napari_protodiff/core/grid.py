@@ -140,11 +140,24 @@ def plan_grid(
 
 def read_block(slide: Slide, plan_level: int, lds: float, read_size: int, patch_size: int,
                coords: np.ndarray) -> np.ndarray:
-    """Read the patches at level-0 ``coords`` (one block) with one region read."""
+    """Read the patches at level-0 ``coords`` (one block).
+
+    A backend with ``read_patches`` (tiled TIFF) decodes just the tiles under the
+    patches, each once; others read the block's bounding box with one region read.
+    """
     from PIL import Image
 
     lx = np.floor(coords[:, 0] / lds + 1e-6).astype(np.int64)
     ly = np.floor(coords[:, 1] / lds + 1e-6).astype(np.int64)
+    read_patches = getattr(slide._backend, "read_patches", None)
+    if read_patches is not None:
+        crops = read_patches(plan_level, lx, ly, read_size)
+        if read_size == patch_size:
+            return crops
+        out = np.empty((len(coords), patch_size, patch_size, 3), np.uint8)
+        for i, crop in enumerate(crops):
+            out[i] = np.asarray(Image.fromarray(crop).resize((patch_size, patch_size), Image.Resampling.LANCZOS))
+        return out
     x0, y0 = int(lx.min()), int(ly.min())
     x1, y1 = int(lx.max()) + read_size, int(ly.max()) + read_size
     region = slide.read_region(plan_level, x0, y0, x1 - x0, y1 - y0)

@@ -24,7 +24,7 @@ from .executor import run_tasks
 from .grid import GridPlan, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import Slide, check_mpp_value, open_slide
-from .store import PatchStore, slide_id_from_path, versions
+from .store import PatchStore, block_marker, patch_writer, slide_id_from_path, versions
 from .tissue import TissueMask, TissueParams, detect_tissue
 
 
@@ -130,17 +130,17 @@ def _worker_arrays(store: str, slide_id: str):
     import zarr
 
     g = zarr.open_group(os.path.join(store, "slides", slide_id), mode="r+")
-    return g["patches"], g["block_done"]
+    return patch_writer(g["patches"]), block_marker(g["block_done"])
 
 
 def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
     """Read one block of patches from its slide and write it to the store."""
     slide = _worker_slide(task["path"], task["mpp_override"])
-    patches_arr, done_arr = _worker_arrays(task["store"], task["slide_id"])
+    write_patches, mark_done = _worker_arrays(task["store"], task["slide_id"])
     s, e = task["start"], task["stop"]
     pix = read_block(slide, task["level"], task["lds"], task["read_size"], task["size"], task["coords"])
-    patches_arr[s:e] = pix
-    done_arr[task["block"]] = 1
+    write_patches(s, pix)
+    mark_done(task["block"])
     return task["slide_id"], task["block"], e - s
 
 

@@ -1,0 +1,112 @@
+"""The fast paths of tiling give exactly what the plain paths give.
+
+* ``TiffBackend.read_patches`` (tiles decoded once, JPEG tiles decoded straight into
+  patches) equals ``read_region`` patch by patch, aligned or not, at the image edge too.
+* ``store.patch_writer`` and ``store.block_marker`` write the same chunk files, byte for
+  byte, as zarr's own ``arr[a:b] = pix`` and ``arr[b] = 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from napari_protodiff.core.grid import plan_grid, read_block
+from napari_protodiff.core.slide import open_slide
+from napari_protodiff.core.store import PATCH_CHUNK_KEYS, _codec, block_marker, patch_writer
+from napari_protodiff.core.tissue import detect_tissue
+
+
+@pytest.fixture(scope="module")
+def jpeg_tiff(tmp_path_factory, he_png):
+    """A real H&E region as a 2-level JPEG-tiled TIFF (256-px tiles, 0.5 µm/px), 1000 x 1000 px."""
+    img = np.asarray(Image.open(he_png).convert("RGB"))
+    path = tmp_path_factory.mktemp("tiff") / "he.tiff"
+    res = 1e4 / 0.5
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, tile=(256, 256), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
+                 resolution=(res, res), resolutionunit="CENTIMETER")
+        tw.write(np.ascontiguousarray(img[::2, ::2]), tile=(256, 256), compression="jpeg", subfiletype=1,
+                 photometric="rgb", resolution=(res / 2, res / 2), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.mark.parametrize("size,xs,ys", [
+    (256, [0, 256, 512, 0], [0, 0, 256, 512]),            # a patch is a tile: decoded in place
+    (128, [0, 128, 384, 640], [0, 128, 256, 768]),        # several patches per tile
+    (200, [10, 190, 333, 799], [5, 240, 500, 799]),       # across tiles, up to the edge
+    (256, [-40, 900, 500], [-10, 100, 900]),              # partly outside: white
+])
+def test_read_patches_equals_read_region(jpeg_tiff, size, xs, ys):
+    with open_slide(jpeg_tiff) as s:
+        assert s.info.backend == "tiff"
+        got = s._backend.read_patches(0, np.array(xs), np.array(ys), size)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            np.testing.assert_array_equal(got[i], s.read_region(0, x, y, size, size))
+
+
+@pytest.mark.parametrize("size,mpp", [(256, 0.5), (128, 1.0), (100, 0.6)])
+def test_read_block_equals_region_crops(jpeg_tiff, size, mpp):
+    with open_slide(jpeg_tiff) as s:
+        grid = plan_grid(s, detect_tissue(s), size, mpp, 0.0, block_px=512)
+        for b in range(grid.n_blocks):
+            c = grid.coords[grid.block_start[b] : grid.block_start[b + 1]]
+            pix = read_block(s, grid.level, grid.level_downsample, grid.read_size, size, c)
+            for i, (x, y) in enumerate(c):
+                lx, ly = int(x // grid.level_downsample), int(y // grid.level_downsample)
+                crop = s.read_region(grid.level, lx, ly, grid.read_size, grid.read_size)
+                if grid.resampled:
+                    crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.LANCZOS))
+                np.testing.assert_array_equal(pix[i], crop)
+
+
+def _files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("keys", [PATCH_CHUNK_KEYS, None])
+def test_patch_writer_writes_what_zarr_writes(tmp_path, jpeg_tiff, keys):
+    with open_slide(jpeg_tiff) as s:
+        pix = s._backend.read_patches(0, np.array([0, 256, 512, 0, 256]), np.array([0, 0, 0, 256, 256]), 256)
+    pix[2] = 0  # equal to the fill value: zarr stores no chunk for it
+    written = {}
+    for how in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w", zarr_format=3)
+        kw = {} if keys is None else {"chunk_key_encoding": keys}
+        a = g.create_array("patches", shape=(6, 256, 256, 3), chunks=(1, 256, 256, 3), dtype="uint8",
+                           compressors=[_codec()], fill_value=0, **kw)
+        if how == "zarr":
+            a[0:2], a[2:5] = pix[:2], pix[2:]
+        else:
+            w = patch_writer(a)
+            assert w.__name__ == "direct"
+            w(0, pix[:2])
+            w(2, pix[2:])
+        written[how] = _files(tmp_path / f"{how}.zarr")
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / f"{how}.zarr" / "patches"))[:5], pix)
+    assert written["zarr"] == written["direct"]
+    assert sum(k.startswith("patches") for k in written["direct"]) == 1 + 4  # zarr.json + 4 non-empty chunks
+
+
+def test_block_marker_writes_what_zarr_writes(tmp_path):
+    written = {}
+    for how in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w", zarr_format=3)
+        a = g.create_array("block_done", shape=(7,), chunks=(1,), dtype="uint8", fill_value=0)
+        mark = block_marker(a) if how == "direct" else (lambda b, a=a: a.__setitem__(b, 1))
+        for b in (3, 0, 6, 5):
+            mark(b)
+        written[how] = _files(tmp_path / f"{how}.zarr")
+        assert zarr.open_array(str(tmp_path / f"{how}.zarr" / "block_done"))[:].tolist() == [1, 0, 0, 1, 0, 1, 1]
+    assert written["zarr"] == written["direct"]
