@@ -44,6 +44,9 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Pretrain a ViT with DINO; the teacher backbone is exported to RUN_DIR/outputs/encoder (use it as --encoder RUN_DIR)."""
+    # OpenMP threads that spin while waiting stall badly when the CPU is shared (other jobs,
+    # the loader's workers, a viewer); waiting passively costs little here. Set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..core.errors import ProtodiffError
     from ..core.ssl.config import PretrainConfig
     from .slides import _first_error
