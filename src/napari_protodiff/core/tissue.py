@@ -90,13 +90,34 @@ def _px_area(um2: float, mpp_mask: float | None, fallback_px: int) -> int:
     return int(round(um2 / (mpp_mask * mpp_mask)))
 
 
+def _rgb2hsv(rgb: np.ndarray) -> np.ndarray:
+    """``skimage.color.rgb2hsv`` of an RGB uint8 image, the same values, faster on big images.
+
+    HSV is a function of each pixel's colour alone, and a slide thumbnail has far fewer
+    distinct colours than pixels: convert each distinct colour once (with skimage) and
+    look the pixels up.
+    """
+    from skimage import color
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3 or rgb.shape[0] * rgb.shape[1] < (1 << 20):
+        return color.rgb2hsv(rgb)
+    code = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+    present = np.zeros(1 << 24, bool)
+    present[code] = True
+    colours = np.flatnonzero(present).astype(np.uint32)
+    index = np.empty(1 << 24, np.int32)
+    index[colours] = np.arange(colours.size, dtype=np.int32)
+    rgb_u = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=-1).astype(np.uint8)
+    return color.rgb2hsv(rgb_u)[index[code]]
+
+
 def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tissue and ink masks of an RGB uint8 image whose pixels are ``mpp`` µm (or unknown)."""
     from scipy import ndimage
-    from skimage import color, filters, morphology
+    from skimage import filters, morphology
 
     p = params or TissueParams()
-    hsv = color.rgb2hsv(rgb)
+    hsv = _rgb2hsv(rgb)
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     glass = v > p.max_brightness
     dark = v < p.min_brightness
@@ -117,7 +138,7 @@ def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: 
         ink = _remove_small(ink, small_ink)
         if mpp is not None and p.ink_margin_um > 0:
             r = int(round(p.ink_margin_um / mpp))
-            if r > 0:
+            if r > 0 and ink.any():  # (no ink: nothing to dilate)
                 ink = ndimage.distance_transform_edt(~ink) <= r  # a disk-shaped dilation, fast for any r
         tissue &= ~ink
 
