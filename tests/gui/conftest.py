@@ -20,12 +20,13 @@ def notes():
 
 @pytest.fixture
 def slides_widget(make_napari_viewer, qtbot):
-    """The Slides widget docked in a fresh viewer; waits for its jobs before the viewer closes."""
+    """The Slides widget docked from the Plugins menu's contribution (so it gets napari's
+    public-only viewer proxy, as for a user); waits for its jobs before the viewer closes."""
     from napari_protodiff._napari.slides_widget import SlidesWidget
 
     viewer = make_napari_viewer()
-    widget = SlidesWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Slides")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-protodiff", "Slides")
+    assert isinstance(widget, SlidesWidget)
     yield widget
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)

@@ -18,6 +18,7 @@ OVERLAY_KEY = "protodiff_overlay"
 
 TISSUE, INK = 1, 2
 TISSUE_COLORS = {None: "transparent", 0: "transparent", TISSUE: "#2ee66b", INK: "#2f6bff"}
+GRID_COLORS = {None: "transparent", 0: "transparent", 1: "#00d5ff", 2: "#ffd400"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ class SlideFrame:
     @classmethod
     def of(cls, layer) -> "SlideFrame":
         return cls(layer.name, layer.metadata["path"], tuple(layer.scale), tuple(layer.translate), tuple(layer.units))
+
+
+#: Display settings that napari takes only after a layer exists, per overlay kind.
+STYLE = {"tissue": {"contour": 1}}  # outlines: the tissue stays visible under the grid
+
+
+def apply_style(layer) -> None:
+    """Apply :data:`STYLE` to an overlay layer made from this module's layer data."""
+    for name, value in STYLE.get(layer.metadata.get(OVERLAY_KEY), {}).items():
+        setattr(layer, name, value)
 
 
 def aligned(downsample: float, scale: Sequence[float], translate: Sequence[float]) -> tuple[tuple, tuple]:
@@ -53,7 +64,7 @@ def tissue_layer_data(mask, frame: SlideFrame) -> tuple[np.ndarray, dict[str, An
         "scale": scale,
         "translate": translate,
         "units": frame.units,
-        "opacity": 0.35,
+        "opacity": 0.9,
         "colormap": TISSUE_COLORS,
         "metadata": {OVERLAY_KEY: "tissue", "slide_path": frame.path, "downsample": mask.downsample,
                      "mask_mpp": mask.mpp, "tissue_fraction": mask.tissue_fraction},
@@ -64,29 +75,21 @@ def tissue_layer_data(mask, frame: SlideFrame) -> tuple[np.ndarray, dict[str, An
 def grid_layer_data(grid, frame: SlideFrame) -> tuple[np.ndarray, dict[str, Any], str]:
     """Labels layer data of a :class:`~napari_protodiff.core.grid.GridPlan`: one pixel per grid cell.
 
-    A kept cell's label is its patch's index in the store plus one (0: not kept), so
-    hovering a cell shows which patch it is; ``features`` hold its coordinates.
+    Kept cells form a checkerboard (labels 1 and 2 by the parity of row + column) so that
+    neighbouring patches stay distinguishable; cells without enough tissue are 0.
     """
     rows, cols = grid.grid_shape
-    labels = np.zeros((rows, cols), dtype=np.int32)
-    labels[grid.grid_index[:, 0], grid.grid_index[:, 1]] = np.arange(1, grid.n_patches + 1)
+    labels = np.zeros((rows, cols), dtype=np.uint8)
+    r, c = grid.grid_index[:, 0], grid.grid_index[:, 1]
+    labels[r, c] = 1 + (r + c) % 2
     scale, translate = aligned(grid.footprint, frame.scale, frame.translate)
-    import pandas as pd
-
-    features = pd.DataFrame({
-        "index": np.arange(1, grid.n_patches + 1),
-        "patch": np.arange(grid.n_patches),
-        "x": grid.coords[:, 0],
-        "y": grid.coords[:, 1],
-        "tissue_fraction": grid.tissue_fraction,
-    })
     kwargs = {
         "name": f"{frame.name} patches",
         "scale": scale,
         "translate": translate,
         "units": frame.units,
-        "opacity": 0.3,
-        "features": features,
+        "opacity": 0.4,
+        "colormap": GRID_COLORS,
         "metadata": {OVERLAY_KEY: "patches", "slide_path": frame.path, "footprint": grid.footprint,
                      "patch_size": grid.patch_size, "patch_mpp": grid.patch_mpp, "n_patches": grid.n_patches},
     }

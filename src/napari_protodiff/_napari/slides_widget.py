@@ -35,7 +35,7 @@ from ..core.tiling import TilingConfig
 from ..core.tissue import TissueParams
 from . import _jobs
 from ._form import ModelForm, Row
-from .overlays import OVERLAY_KEY, SlideFrame
+from .overlays import OVERLAY_KEY, SlideFrame, apply_style
 from .reader import SLIDE_KEY, slide_layer_data
 
 PATCH_ROWS = {
@@ -179,14 +179,16 @@ class SlidesWidget(QWidget):
         return self._worker is not None
 
     def _refresh_slides(self, event=None) -> None:
+        # Layers are compared by unique_id: napari hands plugins proxies, so identity fails.
         current = self.slide_layer
         if event is not None and event.type == "inserted" and self._is_slide(event.value):
             current = event.value  # a newly opened slide becomes the current one
+        current_id = current.unique_id if current is not None else None
         self._slides = [ly for ly in self.viewer.layers if self._is_slide(ly)]
         self.slide_combo.blockSignals(True)
         self.slide_combo.clear()
         self.slide_combo.addItems([ly.name for ly in self._slides])
-        idx = next((i for i, ly in enumerate(self._slides) if ly is current), 0 if self._slides else -1)
+        idx = next((i for i, ly in enumerate(self._slides) if ly.unique_id == current_id), 0 if self._slides else -1)
         self.slide_combo.setCurrentIndex(idx)
         self.slide_combo.blockSignals(False)
         self._on_slide_selected()
@@ -316,8 +318,8 @@ class SlidesWidget(QWidget):
             self.preview_label.setText("")
             show_error(outcome.error)
             return
-        if layer not in self.viewer.layers:
-            return
+        if all(ly.unique_id != layer.unique_id for ly in self.viewer.layers):
+            return  # the slide was closed meanwhile
         from napari.layers import Layer
 
         mask, grid, layer_data = outcome.value
@@ -325,12 +327,10 @@ class SlidesWidget(QWidget):
         for data, kwargs, kind in layer_data:
             old = existing.get(kwargs["metadata"][OVERLAY_KEY])
             if old is None:
-                self.viewer.add_layer(Layer.create(data, kwargs, kind))
+                apply_style(self.viewer.add_layer(Layer.create(data, kwargs, kind)))
                 continue
             # Update in place: much cheaper than new visuals, and keeps the user's display settings.
             old.metadata = kwargs["metadata"]
-            if "features" in kwargs:
-                old.features = kwargs["features"]
             old.data = data
             old.scale, old.translate = kwargs["scale"], kwargs["translate"]
         self.viewer.layers.selection.active = layer
