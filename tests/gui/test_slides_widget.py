@@ -34,6 +34,8 @@ def test_opens_the_sample_slide_and_shows_its_metadata(slides_widget, cmu_svs):
                      "label, macro, thumbnail", "1 (downsamples 1)"):
         assert expected in text, expected
     assert w.mpp_override.value() == 0 and w.mpp_override.text() == "from file"
+    layer.name = "sample"
+    assert w.slide_combo.currentText() == "sample"
     assert w.viewer.canvas.overlays.scale_bar.visible
 
 

@@ -79,6 +79,7 @@ class SlidesWidget(QWidget):
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_slides)
         self.viewer.layers.events.removed.connect(self._refresh_slides)
+        self.viewer.layers.events.renamed.connect(self._refresh_slides)
         self._refresh_slides()
 
     # -- layout ------------------------------------------------------------------------
