@@ -109,6 +109,16 @@ def test_preview_overlays_line_up_with_the_slide(slides_widget, cmu_svs, qtbot):
         sub = mask.mask[np.ix_((centres_y >= y0w) & (centres_y < y1w), (centres_x >= x0w) & (centres_x < x1w))]
         assert sub.mean() >= 0.5 - 0.1
 
+    # Previewing again updates the same layers in place.
+    ids = {k: ly.unique_id for k, ly in ov.items()}
+    w.patch_form.set_values(min_tissue=0.95)
+    w.preview()
+    _wait(qtbot, w)
+    again = w.overlays()
+    assert {k: ly.unique_id for k, ly in again.items()} == ids and len(w.viewer.layers) == 3
+    n_strict = np.count_nonzero(again["patches"].data)
+    assert 0 < n_strict < grid.n_patches and f"{n_strict} patches" in w.preview_label.text()
+
 
 def test_tiling_writes_a_store_in_the_background(slides_widget, cmu_svs, tmp_path, qtbot, notes):
     w = slides_widget
