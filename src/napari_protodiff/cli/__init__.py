@@ -44,6 +44,7 @@ from . import demo as _demo  # noqa: E402,F401  (registers demo)
 from . import pretrain as _pretrain  # noqa: E402,F401  (registers pretrain)
 from . import jobs as _jobs  # noqa: E402,F401  (registers jobs list/show)
 from . import prototypes as _prototypes  # noqa: E402,F401  (registers embed, prototypes, prototype-map)
+from . import diffusion as _diffusion  # noqa: E402,F401  (registers train-diffusion, sample, fidelity)
 
 
 def main(argv: list[str] | None = None) -> int:

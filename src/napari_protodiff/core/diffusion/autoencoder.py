@@ -46,7 +46,7 @@ def autoencoder_loss(vae, x, kl_weight: float):
     mse = F.mse_loss(rec, x)
     kl = post.kl().mean() / x[0].numel()
     loss = l1 + mse + kl_weight * kl * x[0].numel()
-    return loss, {"l1": float(l1), "mse": float(mse)}
+    return loss, {"l1": float(l1.detach()), "mse": float(mse.detach())}
 
 
 def encode_latents(vae, x, batch: int = 256):

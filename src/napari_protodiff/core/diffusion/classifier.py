@@ -88,7 +88,7 @@ def classifier_loss(clf, scheduler, z0, labels, generator=None):
     logits = clf(scheduler.add_noise(z0, noise, t), t)
     loss = F.cross_entropy(logits, labels)
     acc = (logits.argmax(1) == labels).float().mean()
-    return loss, {"ce": float(loss), "acc": float(acc)}
+    return loss, {"ce": float(loss.detach()), "acc": float(acc)}
 
 
 def classifier_accuracy(clf, scheduler, z0, labels, timesteps=(0, 250, 500, 750, 999), seed: int = 0) -> dict:

@@ -188,7 +188,7 @@ def train_diffusion(store: str | os.PathLike, output: str | os.PathLike, config:
     pipe.prototype_centroids = data.prototypes.centroids
     pipe.encoder_identity = data.prototypes.encoder
     pipe.protodiff_meta = {"store": str(Path(store).resolve()), "image_size": cfg.image_size,
-                           "patch_mpp": data.patch_mpp, "prototype_source": data.prototypes.source,
+                           "patch_mpp": data.patch_mpp, "prototype_encoder": data.prototypes.encoder.get("name"),
                            "train_index_count": len(train)}
     if rank == 0:
         digest = save_bundle(pipe, out, metrics=metrics, config=json.loads(cfg.model_dump_json()))

@@ -122,6 +122,9 @@ def synthesize(model_dir: str | os.PathLike, output: str | os.PathLike, config: 
     k = pipe.num_prototypes
     if cfg.guidance > 0 and pipe.classifier is None:
         raise SamplingError(f"{model_dir}: the model has no prototype classifier; use --guidance 0.")
+    if cfg.cfg_scale is not None and not pipe.class_conditional:
+        raise SamplingError(f"{model_dir}: the model's UNet was not trained with prototype ids; classifier-free "
+                            "guidance (--cfg-scale) needs a model trained with train-diffusion --cfg.")
     request = parse_prototypes(cfg.prototypes, k)
     pipe.set_scheduler(cfg.scheduler)
     model_hash = meta["model_hash"]

@@ -224,13 +224,13 @@ def train_loop(
             opt.step()
         if ema is not None:
             ema.step(model.parameters())
-        last = dict(metrics, loss=float(loss), grad_norm=gnorm)
-        hist.append(float(loss))
+        last = dict(metrics, loss=float(loss.detach()), grad_norm=gnorm)
+        hist.append(last["loss"])
         done = step + 1
         if ckpt is not None and rank == 0 and (done % s.checkpoint_every == 0 or done == s.steps):
             _save_checkpoint(ckpt / f"step-{done}", done, model, opt, ema)
         if done % 10 == 0 or done == s.steps:
-            yield Progress(done, s.steps, f"{s.name}: step {done}/{s.steps} loss {float(loss):.4f}", last)
+            yield Progress(done, s.steps, f"{s.name}: step {done}/{s.steps} loss {last['loss']:.4f}", last)
     if world > 1:
         import torch.distributed as dist
 

@@ -75,4 +75,4 @@ def diffusion_loss(unet, scheduler, z0, generator=None, class_labels=None):
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
     pred = unet(zt, t, class_labels=class_labels).sample
     loss = F.mse_loss(pred.float(), target.float())
-    return loss, {"mse": float(loss)}
+    return loss, {"mse": float(loss.detach())}
