@@ -64,7 +64,7 @@ def test_embed_prototypes_and_map_through_the_cli(cli_store, tmp_path, capsys):
     code, out, err = run(capsys, "prototype-map", cli_store, "--slide", "missing", "-o", tmp_path / "x.tif")
     assert code == 2 and "no slide 'missing'" in err and not (tmp_path / "x.tif").exists()
 
-    code, out, err = run(capsys, "embed", "--list-encoders", cli_store, "--json")
+    code, out, err = run(capsys, "embed", "--list-encoders", "--json")
     assert code == 0 and {"builtin", "uni", "phikon"} <= {r["name"] for r in json.loads(out)}
 
 

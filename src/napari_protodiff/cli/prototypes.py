@@ -23,7 +23,7 @@ def _config(model, **kw):
 
 @app.command()
 def embed(
-    store: Path = typer.Argument(..., help="Patch store (.zarr) made by protodiff tile."),
+    store: Optional[Path] = typer.Argument(None, help="Patch store (.zarr) made by protodiff tile."),
     encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="builtin (default), a registered name (uni, phikon, vit-small, or an exported DINO encoder), an exported encoder folder, or a weights file (with --arch)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="timm architecture of a weights file, e.g. vit_small_patch16_224."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file of a named encoder (.safetensors, or .pt read with weights_only)."),
@@ -49,6 +49,10 @@ def embed(
             for r in rows:
                 typer.echo(f"{r['name']:<14} {'needs --weights' if r['needs_weights'] else 'no weights':<16} {r['description']}")
         return
+    if store is None:
+        from ..core.errors import ProtodiffError
+
+        raise ProtodiffError("Name the patch store to embed (protodiff embed STORE).")
     cfg = _config(EmbedConfig, encoder=encoder, arch=arch, weights=str(weights) if weights else None,
                   input_size=input_size, device=device, batch_size=batch_size, slides=slide or None, overwrite=overwrite)
     result = run_with_progress(embed_store(store, cfg), quiet=quiet or as_json)

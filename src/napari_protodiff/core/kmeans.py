@@ -333,6 +333,37 @@ def kmeans(
         raise ProtodiffError(f"restarts must be at least 1, not {restarts}.")
     check_finite(x)
     algo = algorithm if algorithm != "auto" else ("lloyd" if n <= AUTO_LLOYD_MAX_ROWS else "minibatch")
+    with _small_problem_threads(n * x.shape[1] * k, device):
+        best = _fit(x, k, n, algo, seed, restarts, max_iter, tol, init_size, sample_size, batch_size, n_steps,
+                    refine_iter, device, chunk_rows, cancel, callback)
+    best.seconds = time.perf_counter() - t0
+    return best
+
+
+class _small_problem_threads:
+    """One torch thread for small CPU problems: thread start-up and hand-offs would cost more
+    than the arithmetic (and much more on a busy machine). ``torch.set_num_threads`` is
+    process-wide; the previous value is restored on exit."""
+
+    def __init__(self, work: int, device: str) -> None:
+        self.on = str(device).startswith("cpu") and work < 1_000_000_000
+        self.prev = None
+
+    def __enter__(self):
+        if self.on:
+            torch = _torch()
+            self.prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            _torch().set_num_threads(self.prev)
+
+
+def _fit(x, k, n, algo, seed, restarts, max_iter, tol, init_size, sample_size, batch_size, n_steps, refine_iter,
+         device, chunk_rows, cancel, callback) -> KMeansResult:
+    torch = _torch()
     data = _Data(x, device, chunk_rows)
     # Tolerance relative to the data's spread (as in scikit-learn), estimated on a sample.
     probe = data.np[np.random.default_rng(seed).choice(n, size=min(n, 20000), replace=False)]
@@ -344,19 +375,24 @@ def kmeans(
         for r, ss in enumerate(seeds):
             gen = np.random.default_rng(ss)
             isz = min(n, init_size or max(64 * k, 4096))
-            init_idx = np.sort(gen.choice(n, size=isz, replace=False)) if isz < n else np.arange(n)
-            c = kmeans_plusplus(data, k, init_idx, gen)
             n_iter = 0
             if algo == "lloyd":
+                init_idx = np.sort(gen.choice(n, size=isz, replace=False)) if isz < n else np.arange(n)
+                c = kmeans_plusplus(data, k, init_idx, gen)
                 c, n_iter = _lloyd(data, c, max_iter, tol_abs, cancel=cancel, callback=callback)
             else:
-                ssz = min(n, sample_size or max(256 * k, isz))
-                sample = np.sort(gen.choice(n, size=ssz, replace=False)) if ssz < n else None
-                c, n_iter = _lloyd(data, c, min(max_iter, 20), tol_abs, idx=sample, cancel=cancel,
-                                   callback=callback, stage="lloyd-sample")
-                steps = n_steps if n_steps is not None else _default_steps(n, batch_size, ssz)
-                if steps:
-                    c = _minibatch(data, c, gen, batch_size, steps, cancel, callback)
+                # Everything before the final pass works on one contiguous random sample.
+                ssz = min(n, max(sample_size or 256 * k, isz))
+                sample = _Data(data.np[np.sort(gen.choice(n, size=ssz, replace=False))], device, chunk_rows)
+                with _small_problem_threads(ssz * data.d * k, device):
+                    init_pos = np.sort(gen.choice(ssz, size=isz, replace=False)) if isz < ssz else np.arange(ssz)
+                    c = kmeans_plusplus(sample, k, init_pos, gen)
+                    c, n_iter = _lloyd(sample, c, min(max_iter, 20), tol_abs, cancel=cancel, callback=callback,
+                                       stage="lloyd-sample")
+                    steps = n_steps if n_steps is not None else _default_steps(n, batch_size, ssz)
+                    if steps:
+                        c = _minibatch(data, c, gen, batch_size, steps, cancel, callback)
+                del sample
                 if refine_iter:
                     c, it2 = _lloyd(data, c, refine_iter, tol_abs, cancel=cancel, callback=callback, stage="refine")
                     n_iter += it2
@@ -369,7 +405,6 @@ def kmeans(
                 best = KMeansResult(c.cpu().numpy().astype(np.float32), labels, sqd, inertia, n_iter, algo, seed)
     assert best is not None
     best.restart_inertias = inertias
-    best.seconds = time.perf_counter() - t0
     return best
 
 
