@@ -224,7 +224,10 @@ def fit_prototypes(store: str | Path, config: PrototypeConfig | None = None,
                                 max_iter=cfg.max_iter, device=device)
     yield Progress(0, 0, "soft memberships and exemplars")
     temperature = float(cfg.temperature or (res.inertia / n if res.inertia > 0 else 1.0))
-    membership = soft_membership(sqdist_matrix(z, res.centroids, device=device), temperature)
+    membership = np.empty((n, cfg.k), np.float32)
+    for s in range(0, n, 262_144):  # bounded memory for millions of patches
+        membership[s:s + 262_144] = soft_membership(sqdist_matrix(z[s:s + 262_144], res.centroids, device=device),
+                                                   temperature)
     labels, sqd = res.labels, res.sqdist
     sizes = np.bincount(labels, minlength=cfg.k).astype(np.int64)
     shares = np.stack([np.bincount(labels[offsets[i]:offsets[i + 1]], minlength=cfg.k) / max(1, offsets[i + 1] - offsets[i])
