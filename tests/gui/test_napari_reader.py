@@ -101,3 +101,12 @@ def test_plugin_modules_import_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False", "False"]
+
+
+def test_dicom_series_folder_opens_as_a_multiscale_layer(dicom_dir):
+    reader = napari_get_reader(str(dicom_dir))
+    assert reader is not None
+    (data, kwargs, kind) = reader(str(dicom_dir))[0]
+    assert kind == "image" and kwargs["multiscale"] and len(data) == 5
+    assert kwargs["scale"] == pytest.approx((0.499, 0.499)) and kwargs["units"] == ("µm", "µm")
+    assert kwargs["metadata"]["slide_info"]["vendor"] == "dicom"

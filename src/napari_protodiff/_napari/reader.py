@@ -64,6 +64,8 @@ def _supported(path: str) -> bool:
 
     p = Path(path)
     if p.is_dir():
+        if next(p.glob("*.dcm"), None) is not None:
+            return True  # a DICOM WSI series folder
         if p.suffix.lower() != ".zarr" and not any((p / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")):
             return False
         from ..core.store import PatchStore

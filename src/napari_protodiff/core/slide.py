@@ -217,8 +217,8 @@ class Slide:
         """The level-0 pixel size, or a one-sentence error saying how to provide it."""
         if self.info.mpp is None:
             raise SlideError(
-                f"{self.path}: {self.info.mpp_problem}; give the real pixel size with --mpp-override "
-                "(µm/px at full resolution)."
+                f"{self.path}: {self.info.mpp_problem}; give the real pixel size (µm/px at full "
+                "resolution) as an mpp override (--mpp-override on the command line)."
             )
         return self.info.mpp
 

@@ -165,6 +165,8 @@ def tile_slides(
     plans: list[SlidePlan] = []
     seen: dict[str, Path] = {}
     for i, p in enumerate(paths):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
         yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
         slide, mask, grid = plan_slide(p, cfg)
         h = slide.content_hash()
