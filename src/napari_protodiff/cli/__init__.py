@@ -45,6 +45,7 @@ from . import pretrain as _pretrain  # noqa: E402,F401  (registers pretrain)
 from . import jobs as _jobs  # noqa: E402,F401  (registers jobs list/show)
 from . import prototypes as _prototypes  # noqa: E402,F401  (registers embed, prototypes, prototype-map)
 from . import diffusion as _diffusion  # noqa: E402,F401  (registers train-diffusion, sample, fidelity)
+from . import evaluate as _evaluate  # noqa: E402,F401  (registers evaluate probe, evaluate mil)
 
 
 def main(argv: list[str] | None = None) -> int:

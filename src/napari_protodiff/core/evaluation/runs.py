@@ -1,0 +1,111 @@
+"""Evaluations as jobs: a probe or an ABMIL cross-validation written into a run directory.
+
+``outputs/`` of an ``evaluate-mil`` run::
+
+    results.json       metrics with CIs, per-fold metrics, log-rank, encoder identity, cohort
+    predictions.csv    out-of-fold prediction per slide (fold, label/probabilities or time/event/risk)
+    attention.zarr     attention per patch with level-0 coordinates (see :mod:`.attention`)
+    roc.png | km.png   ROC curves (classification) or Kaplan-Meier curves of risk halves (survival)
+
+``outputs/`` of an ``evaluate-probe`` run: ``results.json`` and ``predictions.csv``.
+The run's state becomes ``finished`` only once every output is written; a failed run
+says ``failed`` with its one-sentence error (see :mod:`napari_protodiff.core.jobs`).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..jobs import RunDir, atomic_write_json
+from ..progress import CancelToken, Progress
+from .mil import MILConfig, MILResult, cross_validate
+from .probe import ProbeConfig, ProbeResult, run_probe
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def mil_plots(result: MILResult, folder: Path, name: str = "") -> list[Path]:
+    from .plots import km_png, roc_png
+    from .stats import risk_groups
+
+    out = []
+    if result.task == "classification":
+        if len(result.classes) == 2:
+            curves = {name or "ABMIL": (result.y, result.predictions[:, 1])}
+        else:
+            curves = {f"{c} vs rest": ((result.y == k).astype(int), result.predictions[:, k])
+                      for k, c in enumerate(result.classes)}
+        out.append(roc_png(curves, folder / "roc.png", title=f"ROC {name}".strip()))
+    else:
+        g = risk_groups(result.predictions, 2)
+        p = (result.logrank or {}).get("p_value")
+        out.append(km_png(result.time, result.event, g, folder / "km.png", title=f"Kaplan-Meier {name}".strip(),
+                          p_value=p))
+    return out
+
+
+def save_mil(result: MILResult, bags, folder: Path, extra: dict | None = None) -> None:
+    from .attention import write_attention
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_csv(folder / "predictions.csv", result.prediction_rows())
+    write_attention(folder / "attention.zarr", bags, result)
+    mil_plots(result, folder)
+    atomic_write_json(folder / "results.json", {**result.to_dict(), **(extra or {})})
+
+
+def evaluate_mil(cohort: str | Path, store: str | Path, run_dir: str | Path, config: MILConfig | None = None,
+                 encoder: str | None = None, device: str = "auto", encoder_obj=None, resume: bool = False,
+                 cancel: CancelToken | None = None) -> Iterator[Progress]:
+    """``protodiff evaluate mil``: bags from the store, cross-validated ABMIL, outputs in ``run_dir``."""
+    from .cohort import cohort_bags
+
+    cfg = config or MILConfig()
+    conf = {"cohort": str(Path(cohort).resolve()), "store": str(Path(store).resolve()), "encoder": encoder,
+            "mil": cfg.model_dump()}
+    rd = RunDir.prepare(run_dir, "evaluate-mil", conf, resume=resume)
+    with rd.running():
+        bags, ident = yield from cohort_bags(cohort, store, encoder=encoder_obj, encoder_name=encoder, device=device,
+                                             cancel=cancel)
+        rd.log(f"{len(bags)} slides, encoder {ident.get('name')}")
+        result = yield from cross_validate(bags, cfg, cancel, source=str(cohort))
+        result.encoder = ident
+        save_mil(result, bags, rd.outputs, {"cohort": conf["cohort"], "store": conf["store"]})
+        rd.set_status("finished", message="finished", metrics={m: ci.to_dict() for m, ci in result.metrics.items()})
+        rd.log("finished")
+    return result, rd
+
+
+def evaluate_probe(source: str | Path, run_dir: str | Path | None = None, config: ProbeConfig | None = None,
+                   resume: bool = False, cancel: CancelToken | None = None, encoder=None) -> Iterator[Progress]:
+    """``protodiff evaluate probe``: probes of a labelled patch set, outputs in ``run_dir`` when given."""
+    cfg = config or ProbeConfig()
+    if run_dir is None:
+        result = yield from run_probe(source, cfg, cancel, encoder=encoder)
+        return result, None
+    rd = RunDir.prepare(run_dir, "evaluate-probe", {"patches": str(Path(source).resolve()), "probe": cfg.model_dump()},
+                        resume=resume)
+    with rd.running():
+        result: ProbeResult = yield from run_probe(source, cfg, cancel, encoder=encoder)
+        rows = []
+        for i in range(result.n_patches):
+            r = {"index": i, "group": result.groups[i], "fold": int(result.fold[i]), "label": result.classes[result.y[i]]}
+            for p, pr in result.predictions.items():
+                r[f"{p}_pred"] = result.classes[int(np.argmax(pr[i]))]
+            rows.append(r)
+        _write_csv(rd.outputs / "predictions.csv", rows)
+        atomic_write_json(rd.outputs / "results.json", result.to_dict())
+        rd.set_status("finished", message="finished")
+    return result, rd
