@@ -1,5 +1,7 @@
 """A Qt form for chosen fields of a pydantic config model.
 
+Booleans become check boxes, ints and floats spin boxes, ``Literal`` choices combo boxes.
+
 Defaults, bounds (``ge``/``gt``/``le``/``lt``) and tooltips (``description``) come from
 the model itself, so the widget, the CLI and the API share one definition of every
 parameter. ``values()`` returns a dict to build the model with.
@@ -8,9 +10,9 @@ parameter. ``values()`` returns a dict to build the model with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
 
 _INT_MAX = 2**31 - 1
 
@@ -63,6 +65,10 @@ class ModelForm(QWidget):
         kind = field.annotation
         if kind is bool:
             return QCheckBox()
+        if get_origin(kind) is Literal:
+            w = QComboBox()
+            w.addItems([str(v) for v in get_args(kind)])
+            return w
         if kind is int:
             w = QSpinBox()
             lo, hi = _bounds(field, 0)
@@ -82,7 +88,12 @@ class ModelForm(QWidget):
     def values(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, w in self.widgets.items():
-            out[name] = w.isChecked() if isinstance(w, QCheckBox) else w.value()
+            if isinstance(w, QCheckBox):
+                out[name] = w.isChecked()
+            elif isinstance(w, QComboBox):
+                out[name] = w.currentText()
+            else:
+                out[name] = w.value()
         return out
 
     def set_values(self, **values: Any) -> None:
@@ -90,5 +101,7 @@ class ModelForm(QWidget):
             w = self.widgets[name]
             if isinstance(w, QCheckBox):
                 w.setChecked(bool(v))
+            elif isinstance(w, QComboBox):
+                w.setCurrentText(str(v))
             else:
                 w.setValue(v)

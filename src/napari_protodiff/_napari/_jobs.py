@@ -51,6 +51,35 @@ def tile_job(paths: Sequence[str | os.PathLike], store: str, config, cancel):
     return Outcome(value=result)
 
 
+def prototypes_job(store: str, embed_config, proto_config, cancel):
+    """Embed the store's patches (unless they already are, with this encoder) and fit prototypes on
+    them, as one generator of progress events ending in an :class:`Outcome` whose value is
+    ``(EmbedResult or None, PrototypeResult)``."""
+    from ..core.embedding import embed_store, embedding_keys
+    from ..core.encoders import load_encoder
+    from ..core.errors import Cancelled, ProtodiffError
+    from ..core.progress import Progress
+    from ..core.prototypes import fit_prototypes
+    from ..core.store import PatchStore
+
+    try:
+        st = PatchStore(store)  # a wrong folder fails here, before the encoder loads
+        yield Progress(0, 0, "loading the encoder")
+        c = embed_config
+        enc = load_encoder(c.encoder, arch=c.arch, weights=c.weights, device=c.device,
+                           **({"input_size": c.input_size} if c.input_size else {}))
+        embedded = None
+        if c.overwrite or enc.key not in embedding_keys(st) or not st.slides():
+            embedded = yield from embed_store(store, c, cancel=cancel, encoder=enc)
+        cancel.raise_if_cancelled()
+        fitted = yield from fit_prototypes(store, proto_config.model_copy(update={"encoder": enc.key}), cancel=cancel)
+    except Cancelled:
+        return Outcome(cancelled=True)
+    except ProtodiffError as exc:
+        return Outcome(error=str(exc))
+    return Outcome(value=(embedded, fitted))
+
+
 def start(func, *args, **connect):
     """Create a napari worker for ``func(*args)``, connect ``signal=slot`` pairs, start it."""
     from napari.qt.threading import create_worker
