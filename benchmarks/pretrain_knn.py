@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning on a shared CPU
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = [("CMU-1-Small-Region.svs", None), ("tiatoolbox-he-region.png", 0.5),
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate at batch 256 (default: the preset's)")
     args = ap.parse_args()
 
     import torch
@@ -90,7 +94,7 @@ def main() -> None:
 
     cfg = PretrainConfig(real=[str(out / "bank.zarr")], preset="tiny", epochs=args.epochs,
                          images_per_epoch=args.images_per_epoch, batch_size=args.batch_size, workers=args.workers,
-                         threads=args.threads, checkpoint_every=10**6)
+                         threads=args.threads, checkpoint_every=10**6, lr=args.lr)
     t0 = time.perf_counter()
     res = drain(pretrain(cfg, out / "run"))
     seconds = time.perf_counter() - t0

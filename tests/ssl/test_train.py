@@ -73,6 +73,14 @@ def test_exported_encoder_loads_by_run_dir_and_by_name(tiny_config, tmp_path, mo
     register_encoder("skin-dino", res.encoder)
     assert load_encoder("skin-dino")[1]["path"] == res.encoder
 
+    # the encoder registry (what embed, prototypes and evaluate use) finds it by run dir and by name
+    from napari_protodiff.core.encoders import load_encoder as registry_load
+
+    for spec in (str(tmp_path / "run"), "skin-dino"):
+        enc = registry_load(spec, device="cpu")
+        assert enc.dim == 192 and enc.input_size == 32 and enc.mpp == 1.0
+        np.testing.assert_allclose(enc.encode(np.stack([src.read(i) for i in range(5)])), feats, atol=1e-4)
+
 
 def test_bad_inputs_one_sentence_each(tiny_config, tmp_path, real_store, other_store, store_48px, store_2mpp,
                                       empty_store):
@@ -142,6 +150,12 @@ def test_cli_pretrain_jobs_and_errors(real_store, other_store, store_48px, tmp_p
 
     m = RunDir.open(run).metrics()
     assert sum(x["n_real"] for x in m) == 4 and sum(x["n_synthetic"] for x in m) == 4  # 8 images at 0.5
+    import shutil
+
+    shutil.copytree(real_store, tmp_path / "copy.zarr")
+    r = _cli("embed", tmp_path / "copy.zarr", "--encoder", run, "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)  # embedded with the pretrained encoder, named by its run directory
     r = _cli("jobs", "list", tmp_path)
     assert r.returncode == 0 and "finished" in r.stdout and str(run) in r.stdout
     r = _cli("pretrain", "--real", real_store, "--real-fraction", "-0.1", "-o", tmp_path / "x", *TINY_CLI)
