@@ -109,3 +109,26 @@ def mil(
     if d.get("logrank"):
         typer.echo(f"  log-rank (risk halves) p = {d['logrank']['p_value']:.3g}")
     typer.echo(f"results, predictions, attention maps and plots in {rd.outputs}")
+
+
+@app.command("study")
+def study(
+    config: Path = typer.Argument(..., help="Study config (JSON or YAML): real stores, arms, encoders, tasks."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run directory of the study (report in outputs/report.md)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a stopped study in the same run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results table as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """The data-efficiency study: pretrain encoders on real, synthetic, hybrid, unguided patches (and a random
+    baseline), evaluate them and any user-supplied encoders on the same tasks, and write a report."""
+    from ..core.evaluation.study import load_study_config, run_study
+
+    cfg = load_study_config(config)
+    rows, report, rd = run_with_progress(run_study(cfg, out, resume=resume), quiet=quiet or as_json)
+    if as_json:
+        print_json({"run_dir": str(rd.path), "report": str(report), "table": rows})
+        return
+    from ..core.evaluation.compare import table_markdown
+
+    typer.echo(table_markdown(rows))
+    typer.echo(f"report: {report}")
