@@ -185,8 +185,11 @@ class PrototypesWidget(QWidget):
         lay.addWidget(self.status_label)
         root.addWidget(box)
 
-        box = QGroupBox("Legend (tick to show; pick a row or click the slide for exemplars)")
+        box = QGroupBox("Legend")
         lay = QVBoxLayout(box)
+        hint = QLabel("Tick to show or hide a prototype; pick a row, or click the map, for its exemplar patches.")
+        hint.setWordWrap(True)
+        lay.addWidget(hint)
         self.legend = QTableWidget(0, len(COLUMNS))
         self.legend.setHorizontalHeaderLabels(COLUMNS)
         self.legend.verticalHeader().setVisible(False)
@@ -453,6 +456,7 @@ class PrototypesWidget(QWidget):
             layer.mouse_drag_callbacks.append(self._on_click)
             layer.events.selected_label.connect(self._on_selected_label)
         self._protos, self._layer, self._picked = protos, layer, None
+        self.viewer.canvas.overlays.scale_bar.visible = True
         self._fill_legend(layer)
         if slide_layer is not None:
             self.viewer.layers.selection.active = layer
