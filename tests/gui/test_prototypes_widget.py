@@ -254,6 +254,24 @@ def test_existing_prototypes_show_without_refitting_and_replace_needs_overwrite(
     assert layer.metadata["fit_id"] != fit_id and w.legend.rowCount() == 4 and layer.data.max() == 4
     assert w.show_prototypes().unique_id == layer.unique_id
 
+    # Closing the map empties the legend.
+    w.viewer.layers.remove(layer)
+    assert w.prototypes_layer is None and w.legend.rowCount() == 0 and w.pick(0) is None
+
+    # The slide file is gone: a warning, and the map is drawn in the store's µm without the slide.
+    st = PatchStore(store, mode="r+")
+    [entry] = st.slides()
+    entry.group.attrs["protodiff"] = dict(entry.attrs, path=str(store.parent / "moved-away.svs"))
+    w.refresh_store()
+    for ly in list(w.viewer.layers):
+        w.viewer.layers.remove(ly)
+    layer = w.show_prototypes()
+    assert any("WARNING" in s and "moved-away.svs" in m for s, m in notes())
+    assert [ly.unique_id for ly in w.viewer.layers] == [layer.unique_id] and w.legend.rowCount() == 4
+    fp, mpp = entry.attrs["footprint_level0"], entry.attrs["slide_mpp"]
+    assert tuple(layer.scale) == pytest.approx((fp * mpp,) * 2)
+    assert layer.data_to_world((-0.5, -0.5)) == pytest.approx((-0.5 * mpp, -0.5 * mpp))
+
 
 def test_cancel_leaves_no_prototypes_marked_complete(widget, store, qtbot, notes):
     from napari_protodiff.core.prototypes import prototype_status

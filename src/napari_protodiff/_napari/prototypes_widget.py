@@ -97,6 +97,7 @@ class PrototypesWidget(QWidget):
         self.last_result = None
         """``(EmbedResult or None, PrototypeResult)`` of this widget's last finished job."""
         self._build()
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
 
     # -- layout ------------------------------------------------------------------------
     def _build(self) -> None:
@@ -490,6 +491,11 @@ class PrototypesWidget(QWidget):
         if ly is None or all(x.unique_id != ly.unique_id for x in self.viewer.layers):
             return None
         return ly
+
+    def _on_layer_removed(self, event=None) -> None:
+        if self._layer is not None and self.prototypes_layer is None:  # the map was closed
+            self._layer, self._protos, self._picked = None, None, None
+            self.legend.setRowCount(0)
 
     # -- showing and hiding --------------------------------------------------------------
     @property
