@@ -63,6 +63,7 @@ class StudyConfig(BaseModel):
     arms: list[Literal["real", "synthetic", "hybrid", "unguided", "random"]] = Field(default_factory=lambda: list(ARMS))
     diffusion_model: str | None = Field(None, description="An already trained diffusion model folder.")
     diffusion: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"})
+    prototypes_k: int = Field(8, ge=2, description="Prototypes fitted on the real store when it has none.")
     n_synthetic: int = Field(256, ge=1)
     guidance: float = Field(3.0, ge=0)
     hybrid_real_fraction: float = Field(0.5, gt=0, lt=1)
@@ -240,6 +241,7 @@ def _synthesize(cfg: StudyConfig, rd: RunDir, arms: list[str], cancel) -> Iterat
     if model is None:
         model = st.get("diffusion")
         if model is None:
+            yield from _ensure_prototypes(cfg, cancel)
             d = dict(cfg.diffusion)
             preset = d.pop("preset", "tiny")
             dc = DiffusionConfig.from_preset(preset, **d)
@@ -256,6 +258,21 @@ def _synthesize(cfg: StudyConfig, rd: RunDir, arms: list[str], cancel) -> Iterat
         yield from synthesize(model, out, SampleConfig(n=cfg.n_synthetic, guidance=g, seed=cfg.seed, device=cfg.device),
                               cancel=cancel)
         _done(rd, f"sample:{name}", str(out))
+
+
+def _ensure_prototypes(cfg: StudyConfig, cancel) -> Iterator[Progress]:
+    """Prototypes of the real store (built-in embeddings + k-means) when it has none: diffusion guidance needs them."""
+    from ..embedding import EmbedConfig, embed_store, embedding_keys
+    from ..prototypes import PrototypeConfig, fit_prototypes, prototype_status
+    from ..store import PatchStore
+
+    st = PatchStore(cfg.real[0])
+    if prototype_status(st) == "complete":
+        return
+    if "builtin" not in embedding_keys(st):
+        yield from embed_store(st.path, EmbedConfig(encoder="builtin", device="cpu"), cancel=cancel)
+    yield from fit_prototypes(st.path, PrototypeConfig(k=cfg.prototypes_k, encoder="builtin", seed=cfg.seed,
+                                                       overwrite=True), cancel=cancel)
 
 
 def _pretrain(cfg: StudyConfig, rd: RunDir, arm: str, st: dict, cancel) -> Iterator[Progress]:
