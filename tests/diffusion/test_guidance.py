@@ -14,13 +14,14 @@ from napari_protodiff.core.progress import drain
 from napari_protodiff.core.store import PatchStore
 
 N = 64
-STEPS = 20
+STEPS = 25
+GUIDANCE = 10.0
 
 
 @pytest.fixture(scope="module")
 def sampled(tiny_model, tiny_pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "synth.zarr"
-    for g in (0.0, 3.0):
+    for g in (0.0, GUIDANCE):
         drain(synthesize(tiny_model[0], out, SampleConfig(n=N, guidance=g, steps=STEPS, seed=100, batch_size=32),
                          pipeline=tiny_pipe))
     return out
@@ -40,7 +41,7 @@ def test_training_metrics(tiny_model):
 def test_guided_hits_requested_prototype(sampled, two_proto_store):
     report = strip_arrays(evaluate_fidelity(two_proto_store, sampled, max_real=2000))
     runs = {r["guidance"]: r for r in report["runs"]}
-    unguided, guided = runs[0.0]["hit"]["hit_rate"], runs[3.0]["hit"]["hit_rate"]
+    unguided, guided = runs[0.0]["hit"]["hit_rate"], runs[GUIDANCE]["hit"]["hit_rate"]
     print(json.dumps({str(g): {k: r[k] for k in ("hit", "frechet_distance", "precision", "recall", "density",
                                                   "coverage")} for g, r in runs.items()}, indent=1, default=str))
     assert guided >= 0.8, guided
@@ -65,5 +66,5 @@ def test_synthetic_store_provenance(sampled, tiny_model):
         assert e.n_patches == N
         assert np.array_equal(np.asarray(e.group["seed"][:]), 100 + np.arange(N))
         assert sorted(np.bincount(np.asarray(e.group["prototype"][:])).tolist()) == [N // 2, N // 2]
-    assert np.asarray(runs[1].group["guidance"][:]).tolist() == [3.0] * N
+    assert np.asarray(runs[1].group["guidance"][:]).tolist() == [GUIDANCE] * N
     assert st.patches().shape == (2 * N, 32, 32, 3)

@@ -61,14 +61,21 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(cin, num_prototypes)
 
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep embedding (B, E) or (1, E): computed once per sampling step, outside autograd."""
+        return self.time_mlp(timestep_embedding(t.reshape(-1), self.config.time_embed_dim))
+
+    def classify(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Logits from latents and a timestep embedding (broadcast over the batch if it has one row)."""
+        h = x
+        for b in self.blocks:
+            h = b(h, emb.to(x.dtype))
+        return self.head(h.mean((2, 3)))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.config.time_embed_dim).to(x.dtype))
-        h = x
-        for b in self.blocks:
-            h = b(h, emb)
-        return self.head(h.mean((2, 3)))
+        return self.classify(x, self.embed_time(t))
 
 
 def build_classifier(cfg, n_prototypes: int) -> NoiseAwareClassifier:

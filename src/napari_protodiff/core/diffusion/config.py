@@ -130,7 +130,7 @@ _PRESETS: dict[str, dict] = {
         image_size=32,
         autoencoder=dict(downsample=4, block_out_channels=(16, 32, 32), layers_per_block=1, steps=150, batch_size=16,
                          lr=2e-3),
-        unet=dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, False), steps=300,
+        unet=dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, False), steps=900,
                   batch_size=32, lr=3e-3),
         classifier=dict(channels=(16, 32), time_embed_dim=32, steps=200, batch_size=64, lr=3e-3),
         ema_decay=0.99,

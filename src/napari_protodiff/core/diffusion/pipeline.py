@@ -128,11 +128,14 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
         return load_bundle(pretrained_model_name_or_path, device=device)
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _guidance_grad(self, latents: torch.Tensor, t: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    def _guidance_grad(self, latents: torch.Tensor, t: torch.Tensor, log_w: torch.Tensor | None,
+                       onehot: torch.Tensor | None) -> torch.Tensor:
+        """grad_x log sum_y w_y p(y | x_t): autograd through the classifier only (not its time embedding)."""
+        emb = self.classifier.embed_time(t.reshape(1).to(latents.device))  # no grad needed w.r.t. x
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)
-            logp = torch.log_softmax(self.classifier(x, t.expand(x.shape[0])).float(), dim=-1)
-            sel = torch.logsumexp(logp + log_w, dim=-1).sum()
+            logp = torch.log_softmax(self.classifier.classify(x, emb).float(), dim=-1)
+            sel = (logp * onehot).sum() if onehot is not None else torch.logsumexp(logp + log_w, dim=-1).sum()
             (grad,) = torch.autograd.grad(sel, x)
         return grad
 
@@ -178,7 +181,11 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=dtype)
         latents = latents * self.scheduler.init_noise_sigma
-        log_w = torch.from_numpy(np.log(np.maximum(w, 1e-30))).to(device) if guided else None
+        log_w = onehot = None
+        if guided and (requested >= 0).all():  # one prototype per image: log p(y | x) itself
+            onehot = torch.from_numpy(w).to(device)
+        elif guided:  # a mixture: log sum_y w_y p(y | x)
+            log_w = torch.from_numpy(np.log(np.maximum(w, 1e-30))).to(device)
         class_labels = None
         if cfg_scale is not None:
             if (requested < 0).any():
@@ -202,10 +209,10 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
             else:
                 out = self.unet(model_in, t, class_labels=class_labels).sample
             if guided:
-                grad = self._guidance_grad(latents, t, log_w)
+                grad = self._guidance_grad(latents, t, log_w, onehot)
                 abar = alphas[t]
-                delta = guidance_scale * (1 - abar).sqrt() * grad
-                out = out - (delta / abar.sqrt() if v_pred else delta).to(out.dtype)
+                coef = guidance_scale * (1 - abar).sqrt() / (abar.sqrt() if v_pred else 1.0)
+                out = out.sub_(grad.to(out.dtype), alpha=float(coef))
             latents = self.scheduler.step(out, t, latents, generator=generator).prev_sample
             if callback_on_step_end is not None:
                 scope = locals()
