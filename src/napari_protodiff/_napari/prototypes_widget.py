@@ -92,6 +92,7 @@ class PrototypesWidget(QWidget):
         self._pbar = None
         self._protos = None  # the store's loaded Prototypes (exemplars) for the layer shown
         self._layer = None  # the prototype Labels layer the legend describes
+        self._shown: StoreSlide | None = None  # the store slide it maps
         self._picked: int | None = None
         self._syncing = False
         self.last_result = None
@@ -362,7 +363,8 @@ class PrototypesWidget(QWidget):
 
     def _on_done(self, outcome: _jobs.Outcome) -> None:
         if outcome.cancelled:
-            msg = "Cancelled; finished embedding chunks are kept (running again resumes them), no prototypes were written."
+            msg = ("Cancelled; finished embedding chunks are kept (running again resumes them), "
+                   "no prototypes were written.")
             self.status_label.setText(msg)
             show_info(msg)
             return
@@ -372,8 +374,8 @@ class PrototypesWidget(QWidget):
             return
         self.last_result = outcome.value
         embedded, fitted = outcome.value
-        msg = (f"{fitted.k} prototypes of {fitted.n_patches:,} patches (encoder {fitted.encoder_key}, seed {fitted.seed}) "
-               f"in {fitted.seconds:.1f} s")
+        msg = (f"{fitted.k} prototypes of {fitted.n_patches:,} patches (encoder {fitted.encoder_key}, "
+               f"seed {fitted.seed}) in {fitted.seconds:.1f} s")
         if embedded is not None:
             msg = f"Embedded {embedded.patches_embedded:,} patches in {embedded.seconds:.1f} s; " + msg
         else:
@@ -456,7 +458,7 @@ class PrototypesWidget(QWidget):
             layer = self.viewer.add_layer(Layer.create(data, kwargs, kind))
             layer.mouse_drag_callbacks.append(self._on_click)
             layer.events.selected_label.connect(self._on_selected_label)
-        self._protos, self._layer, self._picked = protos, layer, None
+        self._protos, self._layer, self._shown, self._picked = protos, layer, s, None
         self.viewer.canvas.overlays.scale_bar.visible = True
         self._fill_legend(layer)
         if slide_layer is not None:
@@ -494,7 +496,7 @@ class PrototypesWidget(QWidget):
 
     def _on_layer_removed(self, event=None) -> None:
         if self._layer is not None and self.prototypes_layer is None:  # the map was closed
-            self._layer, self._protos, self._picked = None, None, None
+            self._layer, self._protos, self._shown, self._picked = None, None, None, None
             self.legend.setRowCount(0)
 
     # -- showing and hiding --------------------------------------------------------------
@@ -535,10 +537,7 @@ class PrototypesWidget(QWidget):
         layer = self.prototypes_layer
         if layer is None or not 0 <= prototype < self.legend.rowCount():
             return None
-        md = layer.metadata
-        s = next((x for x in self._slides if x.slide_id == md["slide_id"] and same_file(x.store, md["store"])), None)
-        if s is None:
-            return None
+        md, s = layer.metadata, self._shown
         self._picked = prototype
         self._syncing = True
         try:
