@@ -95,3 +95,44 @@ def attention_concentration(bags: list[Bag], attention: list[np.ndarray]) -> tup
             mass.append(float(a[m].sum() / max(a.sum(), 1e-12)))
             shares.append(float(m.mean()))
     return (float(np.mean(mass)), float(np.mean(shares))) if mass else (float("nan"), float("nan"))
+
+
+def write_planted_cohort(source_store, out_dir, encoder_key: str = "builtin",
+                         task: Literal["classification", "survival"] = "classification", n_patients: int = 12,
+                         slides_per_patient: int = 2, bag_size: int = 16, k: int = 6, seed: int = 0,
+                         signal: bool = True):
+    """A planted cohort on disk: ``out_dir/cohort.zarr`` (one virtual slide per bag, its real patches laid out
+    as a mosaic) and ``out_dir/cohort.csv``, ready for ``protodiff evaluate mil``.
+
+    The prototypes are computed from the source store's embeddings from ``encoder_key``.
+    Returns (cohort CSV path, store path, bags).
+    """
+    from pathlib import Path
+
+    from ..embedding import read_embeddings
+    from ..store import PatchStore
+
+    src = PatchStore(source_store)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = np.concatenate([read_embeddings(src, s, encoder_key) for s in src.slide_ids])
+    pix = np.concatenate([np.asarray(src.slide(s).patches().compute()) for s in src.slide_ids])
+    proto = prototypes(x, k, seed)
+    bags = planted_bags(x, proto, pick_planted(proto), task=task, n_patients=n_patients,
+                        slides_per_patient=slides_per_patient, bag_size=bag_size, signal=signal, seed=seed)
+    size = src.patch_size
+    st = PatchStore.create(out / "cohort.zarr", size, src.mpp)
+    rows = []
+    for b in bags:
+        coords = _mosaic(len(b.features), step=size)
+        b.coords = coords
+        e = st.add_slide(b.slide_id, {"footprint_level0": size, "slide_mpp": src.mpp, "patch_mpp": src.mpp,
+                                      "patch_size": size, "planted": b.meta["planted"].tolist()},
+                         coords, np.ones(len(coords), np.float32), np.array([0, len(coords)]))
+        e.group["patches"][:] = pix[b.meta["source"]]
+        e.group["block_done"][:] = 1
+        st.mark_complete(b.slide_id)
+        rows.append(f"{b.slide_id},{b.patient}," + (str(b.label) if task == "classification" else f"{b.time:.6g},{b.event}"))
+    head = "slide,patient,label" if task == "classification" else "slide,patient,time,event"
+    (out / "cohort.csv").write_text(head + "\n" + "\n".join(rows) + "\n")
+    return out / "cohort.csv", out / "cohort.zarr", bags
