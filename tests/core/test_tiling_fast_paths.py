@@ -110,3 +110,28 @@ def test_block_marker_writes_what_zarr_writes(tmp_path):
         written[how] = _files(tmp_path / f"{how}.zarr")
         assert zarr.open_array(str(tmp_path / f"{how}.zarr" / "block_done"))[:].tolist() == [1, 0, 0, 1, 0, 1, 1]
     assert written["zarr"] == written["direct"]
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.parametrize("processes", [None, False])
+def test_local_workers_processes_and_threads(processes):
+    from napari_protodiff.core.executor import run_tasks, warm_up
+
+    warm_up(_square, workers=2, processes=processes)
+    assert sorted(run_tasks(_square, list(range(20)), workers=2, processes=processes)) == [i * i for i in range(20)]
+
+
+def test_cancel_stops_worker_processes():
+    from napari_protodiff.core.errors import Cancelled
+    from napari_protodiff.core.executor import run_tasks
+    from napari_protodiff.core.progress import CancelToken
+
+    token, got = CancelToken(), []
+    with pytest.raises(Cancelled):
+        for r in run_tasks(_square, list(range(50)), workers=2, cancel=token):
+            got.append(r)
+            token.cancel()
+    assert 1 <= len(got) < 50

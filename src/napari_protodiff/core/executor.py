@@ -1,7 +1,12 @@
 """Run independent tasks with dask and report each completion.
 
 * ``workers <= 1`` and no scheduler: in this process, one task after another.
-* ``workers > 1``: dask's local scheduler (threads by default, processes on request).
+* ``workers > 1``: worker processes by default (started from a clean fork server that
+  has already imported the task's module, so they start warm and safely even from a
+  process with threads, such as napari); ``processes=False``: dask's local threaded
+  scheduler. Tiling is mostly GIL-free (JPEG decoding, compression, file writes), but
+  on a busy machine threads still stall each other on the GIL whenever the one holding
+  it is descheduled; processes do not.
 * ``scheduler="tcp://host:port"``: an existing dask.distributed cluster (its workers
   must see the same files, e.g. a shared file system).
 
@@ -24,9 +29,14 @@ def run_tasks(
     tasks: Sequence[Any],
     workers: int = 1,
     scheduler: str | None = None,
-    processes: bool = False,
+    processes: bool | None = None,
     cancel: CancelToken | None = None,
 ) -> Iterator[Any]:
+    """Run ``fn`` on every task; yield the results in completion order.
+
+    ``processes``: for ``workers > 1``, worker processes (``None`` or ``True``) or threads
+    (``False``). ``fn`` must then be importable (module level) and tasks picklable.
+    """
     if not tasks:
         return
     if scheduler:
@@ -36,8 +46,61 @@ def run_tasks(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             yield fn(t)
+    elif processes is False:
+        yield from _local(fn, tasks, workers, False, cancel)
     else:
-        yield from _local(fn, tasks, workers, processes, cancel)
+        yield from _processes(fn, tasks, workers, cancel)
+
+
+def _process_context(fn):
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - Windows
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    module = getattr(fn, "__module__", None)
+    if module and module != "__main__":
+        ctx.set_forkserver_preload([module])  # used when the server starts (once a process)
+    return ctx
+
+
+def warm_up(fn: Callable[[Any], Any], workers: int = 1, scheduler: str | None = None,
+            processes: bool | None = None) -> None:
+    """Start what :func:`run_tasks` with these arguments will need (the fork server and
+    its imports) now, in the background, so that it overlaps the caller's own set-up."""
+    if workers <= 1 or scheduler or processes is False:
+        return
+    ctx = _process_context(fn)
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        try:
+            forkserver.ensure_running()
+        except Exception:  # pragma: no cover - it will be started (or fail clearly) later
+            pass
+
+
+def _processes(fn, tasks, workers, cancel) -> Iterator[Any]:
+    """A pool of ``workers`` processes; at most two tasks a worker are queued at a time, so
+    a cancel (checked between tasks) stops the run after the tasks already running."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = _process_context(fn)
+    todo = list(tasks)[::-1]
+    running: set = set()
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        try:
+            while todo or running:
+                while todo and len(running) < 2 * workers:
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
+                    running.add(pool.submit(fn, todo.pop()))
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        finally:
+            for f in running:
+                f.cancel()
 
 
 def _local(fn, tasks, workers, processes, cancel) -> Iterator[Any]:

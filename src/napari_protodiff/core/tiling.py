@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ProtodiffError, SlideError, StoreError
-from .executor import run_tasks
+from .executor import run_tasks, warm_up
 from .grid import GridPlan, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import Slide, check_mpp_value, open_slide
@@ -38,7 +38,7 @@ class TilingConfig(BaseModel):
     min_tissue: float = Field(0.5, ge=0, le=1, description="Minimum tissue fraction of a kept patch.")
     mpp_override: float | None = Field(None, description="Level-0 pixel size (µm/px) to use instead of the file's.")
     overwrite: bool = Field(False, description="Re-tile slides already in the store.")
-    workers: int = Field(1, ge=1, le=512, description="Parallel local workers (dask threads).")
+    workers: int = Field(1, ge=1, le=512, description="Parallel local worker processes.")
     scheduler: str | None = Field(None, description="Address of an existing dask.distributed scheduler.")
     block_px: int = Field(2048, ge=64, description="Side of a block read at once (px at the read level).")
     tissue: TissueParams = Field(default_factory=TissueParams)
@@ -160,6 +160,7 @@ def tile_slides(
     if not paths:
         raise ProtodiffError("No slide given to tile.")
     _check_output(out)
+    warm_up(tile_block, workers=cfg.workers, scheduler=cfg.scheduler)  # worker processes start while we plan
 
     # 1. plan every slide before writing anything
     plans: list[SlidePlan] = []
