@@ -86,3 +86,24 @@ def test_synthesize_resumes_after_cancel(tiny_model, tiny_pipe, tmp_path):
     b = np.asarray(PatchStore(part).slides()[0].group["patches"][:])
     assert np.array_equal(a, b)
     assert drain(synthesize(tiny_model[0], part, cfg, pipeline=tiny_pipe)).action == "skip"
+
+
+@pytest.mark.slow
+def test_sample_images_matches_store_and_cancels(tiny_model, tiny_pipe, tmp_path):
+    from napari_protodiff.core.diffusion.synthesize import sample_images
+
+    cfg = SampleConfig(n=3, guidance=2.0, steps=3, seed=11, batch_size=3)
+    events = []
+    gen = sample_images(tiny_pipe, cfg)
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        images, req = stop.value
+    assert [e.step for e in events] == [1, 2, 3] and req.tolist() == [0, 1, 0]
+    drain(synthesize(tiny_model[0], tmp_path / "s.zarr", cfg, pipeline=tiny_pipe))
+    assert np.array_equal(images, np.asarray(PatchStore(tmp_path / "s.zarr").slides()[0].group["patches"][:]))
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        drain(sample_images(tiny_pipe, cfg, cancel=token))

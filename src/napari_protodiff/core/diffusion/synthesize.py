@@ -236,3 +236,34 @@ def run_pipeline(pipe, kwargs: dict, cancel: CancelToken | None = None, offset: 
     finally:
         stop.set()
         th.join()
+
+
+def sample_images(model, config: SampleConfig | None = None,
+                  cancel: CancelToken | None = None) -> Iterator[Progress]:
+    """Sample ``config.n`` patches in memory (no store): for previews in the Synthesize widget.
+
+    ``model``: a model folder or a loaded pipeline. A generator of one progress event per
+    denoising step; returns ``(images (n, S, S, 3) uint8, requested prototype per image)``.
+    The images equal those :func:`synthesize` writes for the same model and config.
+    """
+    import torch
+
+    from .bundle import load_bundle
+    from .pipeline import to_uint8
+    from .training import resolve_device
+
+    cfg = config or SampleConfig()
+    device = resolve_device(cfg.device)
+    pipe = model if hasattr(model, "unet") else load_bundle(model, device=device)
+    if cfg.cfg_scale is not None and not pipe.class_conditional:
+        raise SamplingError("The model's UNet was not trained with prototype ids; classifier-free guidance needs a "
+                            "model trained with train-diffusion --cfg.")
+    request = parse_prototypes(cfg.prototypes, pipe.num_prototypes)
+    pipe.set_scheduler(cfg.scheduler)
+    protos = request if isinstance(request, dict) else [request[i % len(request)] for i in range(cfg.n)]
+    gens = [torch.Generator(device=device).manual_seed(int(cfg.seed + i)) for i in range(cfg.n)]
+    kwargs = dict(prototypes=protos, num_images=cfg.n, guidance_scale=cfg.guidance, cfg_scale=cfg.cfg_scale,
+                  num_inference_steps=cfg.steps, generator=gens, output_type="np")
+    images = yield from run_pipeline(pipe, kwargs, cancel, 0, cfg.steps, "sampling")
+    req = np.full(cfg.n, -1, np.int32) if isinstance(request, dict) else np.asarray(protos, np.int32)
+    return to_uint8(images), req
