@@ -15,21 +15,16 @@ from typing import Any
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -40,6 +35,7 @@ from ..core.prototypes import PrototypeConfig
 from . import _jobs
 from ._form import ModelForm, Row
 from .overlays import OVERLAY_KEY, SlideFrame
+from .prototype_legend import PrototypeLegend
 from .prototype_layers import (
     GALLERY,
     PROTOTYPES,
@@ -62,7 +58,6 @@ PROTO_ROWS = {
 }
 #: The encoder combo's entry for a local weights file, exported encoder folder or run directory.
 LOCAL = "local file or folder…"
-COLUMNS = ("Prototype", "Patches", "Share", "In store")
 
 
 def _one_line(exc: Exception) -> str:
@@ -72,12 +67,6 @@ def _one_line(exc: Exception) -> str:
         e = errs()[0]
         return f"Invalid {'.'.join(map(str, e['loc']))}: {e['msg']}."
     return str(exc)
-
-
-def _swatch(rgb) -> QIcon:
-    pix = QPixmap(14, 14)
-    pix.fill(QColor(*(int(v) for v in rgb)))
-    return QIcon(pix)
 
 
 class PrototypesWidget(QWidget):
@@ -192,19 +181,9 @@ class PrototypesWidget(QWidget):
         hint = QLabel("Tick to show or hide a prototype; pick a row, or click the map, for its exemplar patches.")
         hint.setWordWrap(True)
         lay.addWidget(hint)
-        self.legend = QTableWidget(0, len(COLUMNS))
-        self.legend.setHorizontalHeaderLabels(COLUMNS)
-        self.legend.verticalHeader().setVisible(False)
-        self.legend.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.legend.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.legend.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        header = self.legend.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for c in range(1, len(COLUMNS)):
-            header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
-        self.legend.setMinimumHeight(160)
-        self.legend.itemSelectionChanged.connect(self._on_legend_selection)
-        self.legend.itemChanged.connect(self._on_legend_item)
+        self.legend = PrototypeLegend()
+        self.legend.picked.connect(self._on_legend_pick)
+        self.legend.visibility_changed.connect(self._apply_hidden)
         lay.addWidget(self.legend)
         row = QHBoxLayout()
         show_all = QPushButton("Show all")
@@ -460,31 +439,12 @@ class PrototypesWidget(QWidget):
             layer.events.selected_label.connect(self._on_selected_label)
         self._protos, self._layer, self._shown, self._picked = protos, layer, s, None
         self.viewer.canvas.overlays.scale_bar.visible = True
-        self._fill_legend(layer)
+        self.legend.fill(layer.features, layer.metadata["colors"])
         if slide_layer is not None:
             self.viewer.layers.selection.active = layer
         for g in self._layers(GALLERY, frame.path):
             self.viewer.layers.remove(g)  # exemplars of an older fit
         return layer
-
-    def _fill_legend(self, layer) -> None:
-        f = layer.features
-        colors = layer.metadata["colors"]
-        self.legend.blockSignals(True)
-        self.legend.clearSelection()
-        self.legend.setRowCount(len(f))
-        for j in range(len(f)):
-            item = QTableWidgetItem(f"prototype {j}")
-            item.setIcon(_swatch(colors[j]))
-            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            item.setCheckState(Qt.CheckState.Checked)
-            self.legend.setItem(j, 0, item)
-            for c, text in enumerate((f"{int(f['count'][j]):,}", f"{f['share'][j]:.1%}",
-                                      f"{int(f['store_count'][j]):,}"), start=1):
-                it = QTableWidgetItem(text)
-                it.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                self.legend.setItem(j, c, it)
-        self.legend.blockSignals(False)
 
     @property
     def prototypes_layer(self):
@@ -503,21 +463,11 @@ class PrototypesWidget(QWidget):
     @property
     def hidden(self) -> list[int]:
         """The prototypes unticked in the legend."""
-        return [j for j in range(self.legend.rowCount())
-                if self.legend.item(j, 0).checkState() != Qt.CheckState.Checked]
+        return self.legend.hidden
 
     def set_hidden(self, prototypes) -> None:
         """Hide these prototypes (and show all others)."""
-        off = set(prototypes)
-        self.legend.blockSignals(True)
-        for j in range(self.legend.rowCount()):
-            self.legend.item(j, 0).setCheckState(Qt.CheckState.Unchecked if j in off else Qt.CheckState.Checked)
-        self.legend.blockSignals(False)
-        self._apply_hidden()
-
-    def _on_legend_item(self, item) -> None:
-        if item.column() == 0:
-            self._apply_hidden()
+        self.legend.set_hidden(prototypes)
 
     def _apply_hidden(self) -> None:
         layer = self.prototypes_layer
@@ -541,7 +491,7 @@ class PrototypesWidget(QWidget):
         self._picked = prototype
         self._syncing = True
         try:
-            self.legend.selectRow(prototype)
+            self.legend.select(prototype)
             layer.selected_label = prototype + 1
         finally:
             self._syncing = False
@@ -565,12 +515,9 @@ class PrototypesWidget(QWidget):
         self.viewer.layers.selection.active = layer  # keep clicks on the map picking
         return g
 
-    def _on_legend_selection(self) -> None:
-        if self._syncing:
-            return
-        rows = {i.row() for i in self.legend.selectedIndexes()}
-        if len(rows) == 1:
-            self.pick(rows.pop())
+    def _on_legend_pick(self, prototype: int) -> None:
+        if not self._syncing:
+            self.pick(prototype)
 
     def _on_selected_label(self, event=None) -> None:
         layer = self.prototypes_layer
