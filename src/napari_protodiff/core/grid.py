@@ -98,8 +98,11 @@ def plan_grid(
         read_size, resampled = size, False
         footprint = size * lds
     else:
-        read_size, resampled = int(math.ceil(size * ratio - 1e-6)), True
-        footprint = size * target_ds
+        # A whole number of pixels is read at the level, and the grid steps by exactly
+        # that extent, so each patch covers its grid cell and patch_mpp is the true scale
+        # (within half a level pixel of the target).
+        read_size, resampled = max(1, int(round(size * ratio))), True
+        footprint = read_size * lds
     patch_mpp = slide_mpp * footprint / size
     w0, h0 = slide.info.dimensions
     cols, rows = int(w0 // footprint), int(h0 // footprint)
