@@ -9,7 +9,6 @@ by block, row-major within a block.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
