@@ -36,6 +36,23 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def tracked(gen, rd: RunDir, every_s: float = 0.5):
+    """Relay a job generator's progress events, mirroring them into the run's status.json (for watchers)."""
+    import time
+
+    last = 0.0
+    try:
+        while True:
+            ev = next(gen)
+            now = time.monotonic()
+            if now - last >= every_s:
+                rd.set_status("running", step=ev.step, total=ev.total, message=ev.message)
+                last = now
+            yield ev
+    except StopIteration as stop:
+        return stop.value
+
+
 def mil_plots(result: MILResult, folder: Path, name: str = "") -> list[Path]:
     from .plots import km_png, roc_png
     from .stats import risk_groups
@@ -77,10 +94,10 @@ def evaluate_mil(cohort: str | Path, store: str | Path, run_dir: str | Path, con
             "mil": cfg.model_dump()}
     rd = RunDir.prepare(run_dir, "evaluate-mil", conf, resume=resume)
     with rd.running():
-        bags, ident = yield from cohort_bags(cohort, store, encoder=encoder_obj, encoder_name=encoder, device=device,
-                                             cancel=cancel)
+        bags, ident = yield from tracked(cohort_bags(cohort, store, encoder=encoder_obj, encoder_name=encoder,
+                                                     device=device, cancel=cancel), rd)
         rd.log(f"{len(bags)} slides, encoder {ident.get('name')}")
-        result = yield from cross_validate(bags, cfg, cancel, source=str(cohort))
+        result = yield from tracked(cross_validate(bags, cfg, cancel, source=str(cohort)), rd)
         result.encoder = ident
         save_mil(result, bags, rd.outputs, {"cohort": conf["cohort"], "store": conf["store"]})
         rd.set_status("finished", message="finished", metrics={m: ci.to_dict() for m, ci in result.metrics.items()})
@@ -98,7 +115,7 @@ def evaluate_probe(source: str | Path, run_dir: str | Path | None = None, config
     rd = RunDir.prepare(run_dir, "evaluate-probe", {"patches": str(Path(source).resolve()), "probe": cfg.model_dump()},
                         resume=resume)
     with rd.running():
-        result: ProbeResult = yield from run_probe(source, cfg, cancel, encoder=encoder)
+        result: ProbeResult = yield from tracked(run_probe(source, cfg, cancel, encoder=encoder), rd)
         rows = []
         for i in range(result.n_patches):
             r = {"index": i, "group": result.groups[i], "fold": int(result.fold[i]), "label": result.classes[result.y[i]]}
