@@ -49,3 +49,14 @@ def test_study_config_errors(tmp_path, capsys):
     rc = main(["study", str(tmp_path / "s.json"), "-o", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "needs cohort and store" in err and not (tmp_path / "run").exists()
+
+
+def test_demo_study_quick(tmp_path, capsys):
+    """protodiff study --demo: the bundled slide, a planted cohort of its patches, random vs built-in encoder."""
+    rc = main(["study", "--demo", str(tmp_path / "demo"), "--demo-quick", "-o", str(tmp_path / "run"), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)["table"]
+    auc = {r["encoder"]: r["value"] for r in rows if r["metric"] == "auc"}
+    assert set(auc) == {"random", "builtin"} and auc["builtin"] > 0.8
+    assert (tmp_path / "run" / "outputs" / "report.md").is_file()

@@ -113,16 +113,24 @@ def mil(
 
 @app.command("study")
 def study(
-    config: Path = typer.Argument(..., help="Study config (JSON or YAML): real stores, arms, encoders, tasks."),
+    config: Optional[Path] = typer.Argument(None, help="Study config (JSON or YAML): real stores, arms, encoders, tasks."),
     out: Path = typer.Option(..., "-o", "--out", help="Run directory of the study (report in outputs/report.md)."),
+    demo: Optional[Path] = typer.Option(None, "--demo", help="Write a tiny study on the bundled slide into this folder "
+                                        "(store, planted cohort, study.json) and run it instead of CONFIG."),
+    demo_quick: bool = typer.Option(False, "--demo-quick", help="With --demo: only the random and built-in encoders."),
     resume: bool = typer.Option(False, "--resume", help="Continue a stopped study in the same run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the results table as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """The data-efficiency study: pretrain encoders on real, synthetic, hybrid, unguided patches (and a random
     baseline), evaluate them and any user-supplied encoders on the same tasks, and write a report."""
-    from ..core.evaluation.study import load_study_config, run_study
+    from ..core.errors import ProtodiffError
+    from ..core.evaluation.study import load_study_config, run_study, write_demo_study
 
+    if demo is not None:
+        config = run_with_progress(write_demo_study(demo, full=not demo_quick), quiet=quiet or as_json)
+    elif config is None:
+        raise ProtodiffError("Give a study config file (or --demo FOLDER for the tiny demo study).")
     cfg = load_study_config(config)
     rows, report, rd = run_with_progress(run_study(cfg, out, resume=resume), quiet=quiet or as_json)
     if as_json:

@@ -291,3 +291,44 @@ def _pretrain(cfg: StudyConfig, rd: RunDir, arm: str, st: dict, cancel) -> Itera
     pc = PretrainConfig(**{**base, **spec})
     result = yield from pretrain(pc, rd.path / "pretrain" / arm, resume=True, cancel=cancel)
     return result.encoder
+
+
+def write_demo_study(folder: str | Path, full: bool = True) -> Iterator[Progress]:
+    """A tiny study on the bundled sample slide (a generator of progress returning the config path).
+
+    The slide is tiled (32 px at 1 µm/px) into ``folder/real.zarr`` and embedded with the
+    built-in encoder; a planted classification cohort of virtual slides made of its real
+    patches is written beside it (:func:`.planted.write_planted_cohort`). The config runs
+    every arm with minute-sized settings (``full``) or only the random-initialised encoder
+    and the built-in one.
+    """
+    from ...data import SAMPLE_SLIDE
+    from ..embedding import EmbedConfig, embed_store
+    from ..tiling import TilingConfig, tile_slides
+    from .planted import write_planted_cohort
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    real = out / "real.zarr"
+    if not real.exists():
+        yield from tile_slides([SAMPLE_SLIDE], real, TilingConfig(size=32, mpp=1.0))
+        yield from embed_store(real, EmbedConfig(encoder="builtin", device="cpu"))
+    if not (out / "cohort" / "cohort.csv").exists():
+        yield Progress(0, 0, "writing the planted cohort")
+        write_planted_cohort(real, out / "cohort", n_patients=16, bag_size=16, seed=0)
+    cfg = {
+        "real": ["real.zarr"],
+        "arms": list(ARMS) if full else ["random"],
+        "diffusion": {"preset": "tiny", "autoencoder": {"steps": 50}, "unet": {"steps": 100},
+                      "classifier": {"steps": 50}},
+        "n_synthetic": 64,
+        "pretrain": {"preset": "tiny", "epochs": 1, "images_per_epoch": 128, "workers": 0},
+        "encoders": {"builtin": "builtin"},
+        "tasks": [{"name": "planted", "kind": "mil", "cohort": "cohort/cohort.csv", "store": "cohort/cohort.zarr",
+                   "folds": 4, "epochs": 20}],
+        "reference": "real" if full else "builtin",
+        "n_boot": 200,
+    }
+    path = out / "study.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
