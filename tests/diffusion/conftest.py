@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 THREADS = int(os.environ.get("PROTODIFF_TEST_THREADS", "2"))
+# OpenMP threads that spin while waiting make small ops many times slower on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session", autouse=True)
