@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--color-jitter", type=float, default=None)
+    ap.add_argument("--stain-jitter", type=float, default=None)
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate at batch 256 (default: the preset's)")
     args = ap.parse_args()
 
@@ -94,7 +96,8 @@ def main() -> None:
 
     cfg = PretrainConfig(real=[str(out / "bank.zarr")], preset="tiny", epochs=args.epochs,
                          images_per_epoch=args.images_per_epoch, batch_size=args.batch_size, workers=args.workers,
-                         threads=args.threads, checkpoint_every=10**6, lr=args.lr)
+                         threads=args.threads, checkpoint_every=10**6, lr=args.lr,
+                         color_jitter=args.color_jitter, stain_jitter=args.stain_jitter)
     t0 = time.perf_counter()
     res = drain(pretrain(cfg, out / "run"))
     seconds = time.perf_counter() - t0
