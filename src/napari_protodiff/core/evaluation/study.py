@@ -167,7 +167,7 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
     from .mil import MILConfig
     from .probe import ProbeConfig
     from .report import write_report
-    from .runs import evaluate_mil, evaluate_probe
+    from .runs import evaluate_mil, evaluate_probe, tracked
 
     cfg = config
     rd = RunDir.prepare(run_dir, "study", cfg.model_dump(), resume=resume)
@@ -176,7 +176,7 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
         sizes: dict[str, float] = {}
         synth_arms = [a for a in cfg.arms if a in ("synthetic", "hybrid", "unguided")]
         if synth_arms:
-            yield from _synthesize(cfg, rd, synth_arms, cancel)
+            yield from tracked(_synthesize(cfg, rd, synth_arms, cancel), rd)
         st = _stages(rd)
         n_real = _n_patches(cfg.real) if cfg.real else 0
         for arm in cfg.arms:
@@ -186,7 +186,7 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
                 if arm == "random":
                     path = _random_encoder(cfg, rd.path / "pretrain" / "random")
                 else:
-                    path = yield from _pretrain(cfg, rd, arm, st, cancel)
+                    path = yield from tracked(_pretrain(cfg, rd, arm, st, cancel), rd)
                 _done(rd, key, path)
                 st = _stages(rd)
             encoders[arm] = st[key]
@@ -200,6 +200,7 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
             for t in cfg.tasks:
                 out = rd.path / "evaluations" / enc_name / t.name
                 yield Progress(0, 0, f"evaluating {enc_name} on {t.name}")
+                rd.set_status("running", step=None, total=None, message=f"evaluating {enc_name} on {t.name}")
                 if t.kind == "mil":
                     mc = MILConfig(task=t.task, loss=t.loss, folds=t.folds, epochs=t.epochs, n_boot=cfg.n_boot,
                                    seed=cfg.seed, device=cfg.device)
