@@ -300,8 +300,9 @@ def write_demo_study(folder: str | Path, full: bool = True) -> Iterator[Progress
     The slide is tiled (32 px at 1 µm/px) into ``folder/real.zarr`` and embedded with the
     built-in encoder; a planted classification cohort of virtual slides made of its real
     patches is written beside it (:func:`.planted.write_planted_cohort`). The config runs
-    every arm with minute-sized settings (``full``) or only the random-initialised encoder
-    and the built-in one.
+    every arm with settings that only show the machinery works (10 training steps per
+    model, 16 synthetic patches; about 7 minutes on two busy CPU cores) when ``full``, or
+    only the random-initialised encoder and the built-in one.
     """
     from ...data import SAMPLE_SLIDE
     from ..embedding import EmbedConfig, embed_store
@@ -320,10 +321,10 @@ def write_demo_study(folder: str | Path, full: bool = True) -> Iterator[Progress
     cfg = {
         "real": ["real.zarr"],
         "arms": list(ARMS) if full else ["random"],
-        "diffusion": {"preset": "tiny", "autoencoder": {"steps": 50}, "unet": {"steps": 100},
-                      "classifier": {"steps": 50}},
-        "n_synthetic": 64,
-        "pretrain": {"preset": "tiny", "epochs": 1, "images_per_epoch": 128, "workers": 0},
+        "diffusion": {"preset": "tiny", "autoencoder": {"steps": 10}, "unet": {"steps": 10},
+                      "classifier": {"steps": 10}},
+        "n_synthetic": 16,
+        "pretrain": {"preset": "tiny", "epochs": 1, "images_per_epoch": 64, "workers": 0},
         "encoders": {"builtin": "builtin"},
         "tasks": [{"name": "planted", "kind": "mil", "cohort": "cohort/cohort.csv", "store": "cohort/cohort.zarr",
                    "folds": 4, "epochs": 20}],
