@@ -286,7 +286,9 @@ def _pretrain(cfg: StudyConfig, rd: RunDir, arm: str, st: dict, cancel) -> Itera
     spec = {
         "real": dict(real=cfg.real, real_fraction=1.0),
         "synthetic": dict(synthetic=[syn], real_fraction=0.0),
-        "hybrid": dict(real=cfg.real, synthetic=[syn], real_fraction=cfg.hybrid_real_fraction),
+        # resize: a synthetic store records the real patches' measured µm/px (e.g. 0.998), the real store the
+        # requested one (1.0); the pretraining refuses to mix them unless told to resample
+        "hybrid": dict(real=cfg.real, synthetic=[syn], real_fraction=cfg.hybrid_real_fraction, resize=True),
         "unguided": dict(synthetic=[unguided], real_fraction=0.0),
     }[arm]
     pc = PretrainConfig(**{**base, **spec})
