@@ -94,12 +94,14 @@ def test_runs_pretraining_live_and_the_viewer_stays_responsive(jobs_widget, stor
 
 
 def test_cancel_then_resume(jobs_widget, store, tmp_path, qtbot):
+    """Also: the cancelled job's kill timer (60 s) must not kill the resumed job started before it fires."""
     from napari_protodiff.core.jobs import RunDir
 
     w = jobs_widget
     _fill(w, store, tmp_path / "run", epochs=20)  # 40 steps: cancelled long before the end
     assert w.start()
-    qtbot.waitUntil(lambda: len(w.plot.values) >= 1, timeout=WAIT)
+    qtbot.waitUntil(lambda: len(w.plot.values) >= 1 or not w.busy, timeout=WAIT)
+    assert w.busy, w.status_label.text()
     w.cancel()
     qtbot.waitUntil(lambda: not w.busy, timeout=WAIT)
     rd = RunDir.open(tmp_path / "run")
@@ -109,7 +111,8 @@ def test_cancel_then_resume(jobs_widget, store, tmp_path, qtbot):
     assert w.resume_button.isEnabled()
 
     assert w.resume()
-    qtbot.waitUntil(lambda: len(w.plot.values) > 0 and w.plot.steps[-1] > done, timeout=WAIT)
+    qtbot.waitUntil(lambda: (len(w.plot.values) > 0 and w.plot.steps[-1] > done) or not w.busy, timeout=WAIT)
+    assert w.busy, w.status_label.text()
     w.cancel()
     qtbot.waitUntil(lambda: not w.busy, timeout=WAIT)
     assert rd.state == "cancelled" and rd.status["step"] > done

@@ -296,13 +296,15 @@ class JobsWidget(QWidget):
         if not self.busy:
             return
         self.status_label.setText("Cancelling after the current step…")
-        self.process.terminate()
-        QTimer.singleShot(TERMINATE_GRACE_MS, self._kill_if_running)
+        proc = self.process
+        proc.terminate()
+        # Kill only this process if it ignores the request (never a job started later, e.g. a resume).
+        QTimer.singleShot(TERMINATE_GRACE_MS, lambda: self._kill_if_running(proc))
         self.cancel_button.setEnabled(False)
 
-    def _kill_if_running(self) -> None:
-        if self.busy:
-            self.process.kill()
+    def _kill_if_running(self, proc: QProcess) -> None:
+        if proc is self.process and self.busy:
+            proc.kill()
 
     def watch(self, run_dir: str | os.PathLike) -> None:
         """Follow a run directory's progress and loss (no process of this widget)."""
