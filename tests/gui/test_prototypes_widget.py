@@ -32,7 +32,7 @@ def tiled_store(tmp_path_factory, cmu_svs):
 
 @pytest.fixture(scope="module")
 def resampled_store(tmp_path_factory, cmu_svs):
-    """64-px patches at 1 µm/px of a 0.499 µm/px slide: footprint 128.26 level-0 px (not an integer)."""
+    """64-px patches at 1 µm/px of a 0.499 µm/px slide: 128 level-0 px read and resized to 64 (resampled)."""
     return _tiled(tmp_path_factory, cmu_svs, "resampled", size=64, mpp=1.0, workers=1)
 
 
@@ -147,7 +147,7 @@ def test_opens_the_slide_when_not_open_and_aligns_on_a_resampled_store(widget, r
     _run(w, qtbot, store)
     entry, labels = _stored(store)
     fp = entry.attrs["footprint_level0"]
-    assert entry.attrs["resampled"] and fp != int(fp)
+    assert entry.attrs["resampled"] and entry.attrs["read_size"] != entry.attrs["patch_size"]
     slides = [ly for ly in w.viewer.layers if ly.metadata.get("protodiff_slide")]
     assert len(slides) == 1 and slides[0].name == "CMU-1-Small-Region.svs"  # opened with the reader
     protos = w.prototypes_layer
