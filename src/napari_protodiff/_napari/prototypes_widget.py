@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.embedding import EmbedConfig
-from ..core.errors import ProtodiffError
+from ..core.errors import ProtodiffError, validation_message
 from ..core.prototypes import PrototypeConfig
 from . import _jobs
 from ._form import ModelForm, Row
@@ -58,15 +58,6 @@ PROTO_ROWS = {
 }
 #: The encoder combo's entry for a local weights file, exported encoder folder or run directory.
 LOCAL = "local file or folder…"
-
-
-def _one_line(exc: Exception) -> str:
-    """A pydantic validation error as one sentence."""
-    errs = getattr(exc, "errors", None)
-    if callable(errs):
-        e = errs()[0]
-        return f"Invalid {'.'.join(map(str, e['loc']))}: {e['msg']}."
-    return str(exc)
 
 
 class PrototypesWidget(QWidget):
@@ -303,7 +294,7 @@ class PrototypesWidget(QWidget):
         try:
             embed_cfg, proto_cfg = self.configs()
         except (ProtodiffError, ValidationError) as exc:
-            show_error(_one_line(exc))
+            show_error(validation_message(exc))
             return
         from napari.utils import progress
 

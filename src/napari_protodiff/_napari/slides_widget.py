@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import ProtodiffError
+from ..core.errors import ProtodiffError, validation_message
 from ..core.slide import MPP_PLAUSIBLE, SUPPORTED_EXTENSIONS
 from ..core.tiling import TilingConfig
 from ..core.tissue import TissueParams
@@ -53,15 +53,6 @@ TISSUE_ROWS = {
     "min_object_um2": Row("Min object (µm²)", decimals=0, step=1000),
     "max_hole_um2": Row("Fill holes below (µm²)", decimals=0, step=1000),
 }
-
-
-def _one_line(exc: Exception) -> str:
-    """A pydantic validation error as one sentence."""
-    errs = getattr(exc, "errors", None)
-    if callable(errs):
-        e = errs()[0]
-        return f"Invalid {'.'.join(map(str, e['loc']))}: {e['msg']}."
-    return str(exc)
 
 
 class SlidesWidget(QWidget):
@@ -298,7 +289,7 @@ class SlidesWidget(QWidget):
         try:
             return self.config(), layer
         except (ProtodiffError, ValidationError) as exc:
-            show_error(_one_line(exc))
+            show_error(validation_message(exc))
             return None
 
     # -- preview -------------------------------------------------------------------------

@@ -13,10 +13,9 @@ from ._common import print_json, run_with_progress
 
 
 def _config_error(exc: Exception):
-    from ..core.errors import ProtodiffError
-    from .slides import _first_error
+    from ..core.errors import ProtodiffError, validation_message
 
-    return ProtodiffError(_first_error(exc)) if isinstance(exc, ValueError) else exc
+    return ProtodiffError(validation_message(exc)) if isinstance(exc, ValueError) else exc
 
 
 def _threads(threads: Optional[int]) -> None:

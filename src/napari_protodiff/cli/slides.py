@@ -74,7 +74,7 @@ def tile(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Detect tissue and tile slides into a zarr patch store (appends; resumes interrupted slides)."""
-    from ..core.errors import ProtodiffError
+    from ..core.errors import ProtodiffError, validation_message
     from ..core.tiling import TilingConfig, tile_slides
 
     if workers > 1 and scheduler:
@@ -83,7 +83,7 @@ def tile(
         cfg = TilingConfig(size=size, mpp=mpp, min_tissue=min_tissue, mpp_override=mpp_override, workers=workers,
                            scheduler=scheduler, overwrite=overwrite)
     except ValueError as exc:
-        raise ProtodiffError(_first_error(exc)) from None
+        raise ProtodiffError(validation_message(exc)) from None
     result = run_with_progress(tile_slides(slides, output, cfg), quiet=quiet or as_json)
     if as_json:
         print_json(result.to_dict())
@@ -95,14 +95,3 @@ def tile(
     typer.echo(f"wrote {result.patches_written} patches in {result.seconds:.1f} s "
                f"({result.patches_per_second:.0f} patches/s) to {result.store}")
 
-
-def _first_error(exc: ValueError) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        e = errors()[0]
-        loc = ".".join(str(x) for x in e.get("loc", ()))
-        msg = str(e.get("msg", exc))
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        return f"Invalid {loc or 'parameter'}: {msg}" if not msg.startswith("The ") else msg
-    return str(exc)

@@ -21,3 +21,16 @@ class StoreError(ProtodiffError):
 
 class Cancelled(ProtodiffError):
     """The user cancelled a running job."""
+
+
+def validation_message(exc: Exception) -> str:
+    """A config validation error (pydantic) as the one sentence the CLI and widgets show."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    e = errors()[0]
+    loc = ".".join(str(x) for x in e.get("loc", ()))
+    msg = str(e.get("msg", exc))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return msg if msg.startswith("The ") else f"Invalid {loc or 'parameter'}: {msg}"
