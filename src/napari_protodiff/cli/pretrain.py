@@ -49,7 +49,7 @@ def pretrain(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..core.errors import ProtodiffError
     from ..core.ssl.config import PretrainConfig
-    from .slides import _first_error
+    from ..core.errors import validation_message
 
     if real_fraction is None:
         real_fraction = 1.0 if real else 0.0
@@ -64,7 +64,7 @@ def pretrain(
     try:
         cfg = PretrainConfig(**values)
     except ValueError as exc:
-        raise ProtodiffError(_first_error(exc)) from None
+        raise ProtodiffError(validation_message(exc)) from None
     result = run_pretrain(cfg, output, resume=resume, quiet=quiet or as_json)
     if result is None:  # not process 0 of a torchrun job
         return

@@ -13,12 +13,12 @@ from ._common import print_json, run_with_progress
 
 def _config(model, **kw):
     from ..core.errors import ProtodiffError
-    from .slides import _first_error
+    from ..core.errors import validation_message
 
     try:
         return model(**kw)
     except ValueError as exc:
-        raise ProtodiffError(_first_error(exc)) from None
+        raise ProtodiffError(validation_message(exc)) from None
 
 
 @app.command()
