@@ -89,3 +89,43 @@ def start(func, *args, **connect):
         getattr(worker, signal).connect(slot)
     worker.start()
     return worker
+
+
+def synthesize_job(model_dir: str, config, cancel, pipe=None, nearest_store: str | None = None):
+    """Sample patches in memory (``core.diffusion.synthesize.sample_images``) and, if ``nearest_store``
+    is given, find each one's nearest real patch there; a generator of progress events ending in an
+    :class:`Outcome` whose value is a :class:`.synthesis_layers.Synthesis`.
+
+    ``pipe``: the pipeline already loaded for ``model_dir`` (reused; loaded here otherwise).
+    A missing real store is not an error: the synthetic patches come back with ``nearest_error`` set.
+    """
+    from ..core.diffusion.bundle import load_bundle, read_meta
+    from ..core.diffusion.fidelity import nearest_real_patches
+    from ..core.diffusion.synthesize import sample_images
+    from ..core.diffusion.training import resolve_device
+    from ..core.errors import Cancelled, ProtodiffError
+    from ..core.progress import Progress
+    from .synthesis_layers import Synthesis
+
+    try:
+        meta = read_meta(model_dir)
+        if pipe is None or getattr(pipe, "protodiff_meta", {}).get("model_hash") != meta["model_hash"]:
+            yield Progress(0, 0, "loading the model")
+            pipe = load_bundle(model_dir, device=resolve_device(config.device))
+        if config.guidance > 0 and pipe.classifier is None:
+            raise ProtodiffError(f"{model_dir}: the model has no prototype classifier; set the guidance scale to 0.")
+        images, requested = yield from sample_images(pipe, config, cancel=cancel)
+        nearest, nearest_error = None, None
+        if nearest_store:
+            try:
+                nearest = yield from nearest_real_patches(nearest_store, images, cancel=cancel)
+            except Cancelled:
+                raise
+            except ProtodiffError as exc:
+                nearest_error = str(exc)
+    except Cancelled:
+        return Outcome(cancelled=True)
+    except ProtodiffError as exc:
+        return Outcome(error=str(exc))
+    return Outcome(value=Synthesis(model_dir=str(model_dir), meta=meta, config=config, images=images,
+                                   requested=requested, pipe=pipe, nearest=nearest, nearest_error=nearest_error))

@@ -214,3 +214,67 @@ def strip_arrays(report: dict[str, Any]) -> dict[str, Any]:
     out = dict(report)
     out["runs"] = [{k: v for k, v in r.items() if k != "_arrays"} for r in report["runs"]]
     return out
+
+
+# -- nearest real patch of each synthetic one (the Synthesize widget's "show nearest real patch") ---------
+def nearest_real_patches(real_store: str | Path, images: np.ndarray, chunk: int = 4096, audit_sample: int = 2000,
+                         near_copy_quantile: float = 0.01, seed: int = 0, cancel=None):
+    """Each synthetic image's nearest real patch of ``real_store`` (in the memorisation audit's space:
+    patches at 32 px, [0, 1], L2), searched over *all* complete slides a chunk at a time.
+
+    A generator of :class:`~napari_protodiff.core.progress.Progress` events (one per chunk) that
+    checks ``cancel``; returns a dict: ``index`` (store order), ``slide_id``, ``patch`` (index in
+    the slide), ``coords`` (level-0 x, y), ``distance``, ``patches`` (the real patches, uint8,
+    resized to the images' size), ``threshold`` (the near-copy distance: ``near_copy_quantile``
+    of real-to-real nearest-neighbour distances over ``audit_sample`` real patches) and
+    ``near_copy`` (distance below it).
+    """
+    from ..errors import StoreError
+    from ..progress import Progress
+    from .data import resize_uint8
+
+    images = np.asarray(images, np.uint8)
+    path = Path(real_store)
+    if not PatchStore.is_store(path):
+        raise StoreError(f"{path}: the real patch store is not available (moved or deleted?).")
+    st = PatchStore(path)
+    slides = st.slides()
+    total = sum(e.n_patches for e in slides)
+    if not total:
+        raise StoreError(f"{path}: the store has no completely tiled slide to compare with.")
+    fake = _pixels32(images)
+    best = np.full(len(images), np.inf)
+    where = np.zeros((len(images), 2), np.int64)  # (slide number, patch index)
+    rng = np.random.default_rng(seed)
+    audit_idx = np.sort(rng.choice(total, min(audit_sample, total), replace=False))
+    audit: list[np.ndarray] = []
+    done = 0
+    for si, e in enumerate(slides):
+        arr = e.group["patches"]
+        for s in range(0, e.n_patches, chunk):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            real = _pixels32(np.asarray(arr[s:s + chunk]))
+            d = _cdist(fake, real)
+            j = d.argmin(1)
+            dj = d[np.arange(len(fake)), j]
+            better = dj < best
+            best[better] = dj[better]
+            where[better] = np.stack([np.full(better.sum(), si), s + j[better]], 1)
+            sel = audit_idx[(audit_idx >= done + s) & (audit_idx < done + s + len(real))] - done - s
+            audit.append(real[sel])
+            yield Progress(done + s + len(real), total, f"nearest real patch: {done + s + len(real):,}/{total:,}")
+        done += e.n_patches
+    ref = np.concatenate(audit)
+    threshold = float(np.quantile(_kth_nn(ref, 1), near_copy_quantile)) if len(ref) > 1 else 0.0
+    offsets = np.cumsum([0] + [e.n_patches for e in slides])
+    real = np.stack([np.asarray(slides[si].group["patches"][int(p)]) for si, p in where]) if len(images) else \
+        np.zeros((0, st.patch_size, st.patch_size, 3), np.uint8)
+    return {"index": (offsets[where[:, 0]] + where[:, 1]).astype(np.int64),
+            "slide_id": [slides[si].slide_id for si in where[:, 0]],
+            "patch": where[:, 1].astype(np.int64),
+            "coords": np.stack([np.asarray(slides[si].group["coords"][int(p)]) for si, p in where]).astype(np.int64)
+            if len(images) else np.zeros((0, 2), np.int64),
+            "distance": best.astype(np.float32),
+            "patches": resize_uint8(real, images.shape[1]) if len(images) else real,
+            "threshold": threshold, "near_copy": best < threshold, "store": str(st.path)}
