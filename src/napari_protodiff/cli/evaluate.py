@@ -54,11 +54,12 @@ def probe(
 ) -> None:
     """Linear probe and k-NN on frozen features: balanced accuracy, macro-F1, AUC with 95% CIs."""
     from ..core.evaluation.probe import ProbeConfig
-    from ..core.evaluation.runs import evaluate_probe
+    from ..core.evaluation.runs import cancel_on_signals, evaluate_probe
 
     cfg = _config(ProbeConfig, encoder=encoder, weights=weights, arch=arch, device=device, folds=folds, k=k,
                   n_boot=n_boot, seed=seed)
-    result, rd = run_with_progress(evaluate_probe(patches, out, cfg, resume=resume), quiet=quiet or as_json)
+    with cancel_on_signals():
+        result, rd = run_with_progress(evaluate_probe(patches, out, cfg, resume=resume), quiet=quiet or as_json)
     d = result.to_dict()
     if rd is not None:
         d["run_dir"] = str(rd.path)
@@ -91,12 +92,13 @@ def mil(
 ) -> None:
     """Gated-attention MIL with patient-grouped cross-validation: AUC/balanced accuracy/F1 or C-index with 95% CIs."""
     from ..core.evaluation.mil import MILConfig
-    from ..core.evaluation.runs import evaluate_mil
+    from ..core.evaluation.runs import cancel_on_signals, evaluate_mil
 
     cfg = _config(MILConfig, task=task, loss=loss, folds=folds, epochs=epochs, lr=lr, n_boot=n_boot, seed=seed,
                   device="auto" if device == "auto" else device)
-    result, rd = run_with_progress(evaluate_mil(cohort, store, out, cfg, encoder=encoder, device=device, resume=resume),
-                                   quiet=quiet or as_json)
+    with cancel_on_signals():
+        result, rd = run_with_progress(evaluate_mil(cohort, store, out, cfg, encoder=encoder, device=device,
+                                                    resume=resume), quiet=quiet or as_json)
     d = result.to_dict()
     d["run_dir"] = str(rd.path)
     if as_json:
@@ -125,14 +127,16 @@ def study(
     """The data-efficiency study: pretrain encoders on real, synthetic, hybrid, unguided patches (and a random
     baseline), evaluate them and any user-supplied encoders on the same tasks, and write a report."""
     from ..core.errors import ProtodiffError
+    from ..core.evaluation.runs import cancel_on_signals
     from ..core.evaluation.study import load_study_config, run_study, write_demo_study
 
-    if demo is not None:
-        config = run_with_progress(write_demo_study(demo, full=not demo_quick), quiet=quiet or as_json)
-    elif config is None:
-        raise ProtodiffError("Give a study config file (or --demo FOLDER for the tiny demo study).")
-    cfg = load_study_config(config)
-    rows, report, rd = run_with_progress(run_study(cfg, out, resume=resume), quiet=quiet or as_json)
+    with cancel_on_signals():  # SIGTERM / Ctrl-C: the study (and its current stage) ends "cancelled"
+        if demo is not None:
+            config = run_with_progress(write_demo_study(demo, full=not demo_quick), quiet=quiet or as_json)
+        elif config is None:
+            raise ProtodiffError("Give a study config file (or --demo FOLDER for the tiny demo study).")
+        cfg = load_study_config(config)
+        rows, report, rd = run_with_progress(run_study(cfg, out, resume=resume), quiet=quiet or as_json)
     if as_json:
         print_json({"run_dir": str(rd.path), "report": str(report), "table": rows})
         return

@@ -10,16 +10,24 @@
 ``outputs/`` of an ``evaluate-probe`` run: ``results.json`` and ``predictions.csv``.
 The run's state becomes ``finished`` only once every output is written; a failed run
 says ``failed`` with its one-sentence error (see :mod:`napari_protodiff.core.jobs`).
+
+Outputs are written into ``outputs.partial/`` and put in place of ``outputs/`` only when
+complete (a run that starts again empties ``outputs/`` first), so ``outputs/`` is either
+empty or one attempt's complete set. Under :func:`cancel_on_signals` (the CLI's
+evaluations and studies) SIGTERM ends a run like Ctrl-C: state ``cancelled``, exit 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from ..errors import Cancelled
 from ..jobs import RunDir, atomic_write_json
 from ..progress import CancelToken, Progress
 from .mil import MILConfig, MILResult, cross_validate
@@ -34,6 +42,66 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the job ends like Ctrl-C (a BaseException, so no ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def cancel_on_signals() -> Iterator[None]:
+    """While inside, SIGTERM (the Jobs widget's Cancel, a scheduler's stop) raises :class:`Terminated` and
+    SIGINT raises KeyboardInterrupt, so a run directory's ``running()`` marks the job ``cancelled``; leaving,
+    either becomes :class:`~napari_protodiff.core.errors.Cancelled` (the CLI: one sentence, exit 130).
+
+    The first SIGTERM is the only one acted on (later ones are ignored, so the clean-up that
+    follows is not interrupted). Installed only in the main thread; elsewhere a no-op.
+    A stage that handles SIGTERM itself (pretraining stops after its current step) replaces
+    the handler while it runs and restores it after.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated("cancelled (SIGTERM)")
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt as exc:  # the run is marked cancelled by now; say so in one sentence (exit 130)
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        raise Cancelled(f"Cancelled ({how}); the same command with --resume starts it again.") from None
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+def fresh_outputs(rd: RunDir) -> None:
+    """Empty ``outputs/`` (and any stale ``outputs.partial/``) as a run (re)starts."""
+    for p in (rd.outputs, rd.path / "outputs.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+    rd.outputs.mkdir(exist_ok=True)
+
+
+@contextlib.contextmanager
+def staged_outputs(rd: RunDir) -> Iterator[Path]:
+    """A folder to write the outputs into, put in place of ``outputs/`` only if the body completes."""
+    stage = rd.path / "outputs.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(rd.outputs, ignore_errors=True)
+    stage.rename(rd.outputs)
 
 
 def tracked(gen, rd: RunDir, every_s: float = 0.5):
@@ -94,12 +162,14 @@ def evaluate_mil(cohort: str | Path, store: str | Path, run_dir: str | Path, con
             "mil": cfg.model_dump()}
     rd = RunDir.prepare(run_dir, "evaluate-mil", conf, resume=resume)
     with rd.running():
+        fresh_outputs(rd)
         bags, ident = yield from tracked(cohort_bags(cohort, store, encoder=encoder_obj, encoder_name=encoder,
                                                      device=device, cancel=cancel), rd)
         rd.log(f"{len(bags)} slides, encoder {ident.get('name')}")
         result = yield from tracked(cross_validate(bags, cfg, cancel, source=str(cohort)), rd)
         result.encoder = ident
-        save_mil(result, bags, rd.outputs, {"cohort": conf["cohort"], "store": conf["store"]})
+        with staged_outputs(rd) as out:
+            save_mil(result, bags, out, {"cohort": conf["cohort"], "store": conf["store"]})
         rd.set_status("finished", message="finished", metrics={m: ci.to_dict() for m, ci in result.metrics.items()})
         rd.log("finished")
     return result, rd
@@ -115,6 +185,7 @@ def evaluate_probe(source: str | Path, run_dir: str | Path | None = None, config
     rd = RunDir.prepare(run_dir, "evaluate-probe", {"patches": str(Path(source).resolve()), "probe": cfg.model_dump()},
                         resume=resume)
     with rd.running():
+        fresh_outputs(rd)
         result: ProbeResult = yield from tracked(run_probe(source, cfg, cancel, encoder=encoder), rd)
         rows = []
         for i in range(result.n_patches):
@@ -122,7 +193,8 @@ def evaluate_probe(source: str | Path, run_dir: str | Path | None = None, config
             for p, pr in result.predictions.items():
                 r[f"{p}_pred"] = result.classes[int(np.argmax(pr[i]))]
             rows.append(r)
-        _write_csv(rd.outputs / "predictions.csv", rows)
-        atomic_write_json(rd.outputs / "results.json", result.to_dict())
+        with staged_outputs(rd) as out:
+            _write_csv(out / "predictions.csv", rows)
+            atomic_write_json(out / "results.json", result.to_dict())
         rd.set_status("finished", message="finished")
     return result, rd
