@@ -31,11 +31,14 @@ def run_tasks(
     scheduler: str | None = None,
     processes: bool | None = None,
     cancel: CancelToken | None = None,
+    preload: Sequence[str] = (),
 ) -> Iterator[Any]:
     """Run ``fn`` on every task; yield the results in completion order.
 
     ``processes``: for ``workers > 1``, worker processes (``None`` or ``True``) or threads
     (``False``). ``fn`` must then be importable (module level) and tasks picklable.
+    ``preload``: more modules for the fork server to import once (beside ``fn``'s own),
+    e.g. what ``fn`` imports lazily, so that each worker does not import them again.
     """
     if not tasks:
         return
@@ -49,28 +52,29 @@ def run_tasks(
     elif processes is False:
         yield from _local(fn, tasks, workers, False, cancel)
     else:
-        yield from _processes(fn, tasks, workers, cancel)
+        yield from _processes(fn, tasks, workers, cancel, preload)
 
 
-def _process_context(fn):
+def _process_context(fn, preload: Sequence[str] = ()):
     import multiprocessing as mp
 
     if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - Windows
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     module = getattr(fn, "__module__", None)
-    if module and module != "__main__":
-        ctx.set_forkserver_preload([module])  # used when the server starts (once a process)
+    modules = ([module] if module and module != "__main__" else []) + [m for m in preload if m != module]
+    if modules:
+        ctx.set_forkserver_preload(modules)  # used when the server starts (once a process)
     return ctx
 
 
 def warm_up(fn: Callable[[Any], Any], workers: int = 1, scheduler: str | None = None,
-            processes: bool | None = None) -> None:
+            processes: bool | None = None, preload: Sequence[str] = ()) -> None:
     """Start what :func:`run_tasks` with these arguments will need (the fork server and
     its imports) now, in the background, so that it overlaps the caller's own set-up."""
     if workers <= 1 or scheduler or processes is False:
         return
-    ctx = _process_context(fn)
+    ctx = _process_context(fn, preload)
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
@@ -80,12 +84,12 @@ def warm_up(fn: Callable[[Any], Any], workers: int = 1, scheduler: str | None = 
             pass
 
 
-def _processes(fn, tasks, workers, cancel) -> Iterator[Any]:
+def _processes(fn, tasks, workers, cancel, preload=()) -> Iterator[Any]:
     """A pool of ``workers`` processes; at most two tasks a worker are queued at a time, so
     a cancel (checked between tasks) stops the run after the tasks already running."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    ctx = _process_context(fn)
+    ctx = _process_context(fn, preload)
     todo = list(tasks)[::-1]
     running: set = set()
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:

@@ -87,6 +87,10 @@ def plan_slide(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, Ti
     """Open a slide, detect tissue and lay the grid; raises a one-sentence error on bad input."""
     slide = open_slide(path, mpp_override=config.mpp_override)
     slide.require_mpp()
+    return (slide, *_tissue_and_grid(slide, config))
+
+
+def _tissue_and_grid(slide: Slide, config: TilingConfig) -> tuple[TissueMask, GridPlan]:
     mask = detect_tissue(slide, config.tissue)
     if not mask.mask.any():
         raise SlideError(f"{slide.path}: no tissue found (the slide looks blank at {mask.mpp or 0:.3g} µm/px).")
@@ -96,7 +100,23 @@ def plan_slide(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, Ti
             f"{slide.path}: no {config.size}-px patch at {config.mpp:g} µm/px has at least "
             f"{config.min_tissue:.0%} tissue; lower --min-tissue or check the slide."
         )
-    return slide, mask, grid
+    return mask, grid
+
+
+def _plan_and_hash(path: str | os.PathLike, config: TilingConfig, pool) -> tuple[Slide, TissueMask, GridPlan, str]:
+    """:func:`plan_slide` and the slide's content hash; the hash (reading the whole file,
+    GIL-free) runs in ``pool`` while tissue is detected. A planning error is raised as is
+    (the hash is then not waited for)."""
+    slide = open_slide(path, mpp_override=config.mpp_override)
+    slide.require_mpp()
+    fut = pool.submit(slide.content_hash)
+    try:
+        mask, grid = _tissue_and_grid(slide, config)
+    except BaseException:
+        fut.cancel()
+        slide.close()
+        raise
+    return slide, mask, grid, fut.result()
 
 
 def _check_output(out: Path) -> None:
@@ -120,6 +140,10 @@ def _check_output(out: Path) -> None:
 
 
 # -- the unit of parallel work (module level so dask can pickle it) -------------------------
+#: What :func:`tile_block` imports lazily; worker processes fork from a server that has them.
+WORKER_PRELOAD = ("zarr", "numcodecs.blosc", "tifffile", "imagecodecs")
+
+
 @lru_cache(maxsize=8)
 def _worker_slide(path: str, mpp_override: float | None) -> Slide:
     return open_slide(path, mpp_override=mpp_override)
@@ -160,21 +184,27 @@ def tile_slides(
     if not paths:
         raise ProtodiffError("No slide given to tile.")
     _check_output(out)
-    warm_up(tile_block, workers=cfg.workers, scheduler=cfg.scheduler)  # worker processes start while we plan
+    # worker processes (and what they import) start while we plan
+    warm_up(tile_block, workers=cfg.workers, scheduler=cfg.scheduler, preload=WORKER_PRELOAD)
 
     # 1. plan every slide before writing anything
+    from concurrent.futures import ThreadPoolExecutor
+
     plans: list[SlidePlan] = []
     seen: dict[str, Path] = {}
-    for i, p in enumerate(paths):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
-        slide, mask, grid = plan_slide(p, cfg)
-        h = slide.content_hash()
-        if h in seen:
-            raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
-        seen[h] = Path(p)
-        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid))
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protodiff-hash")
+    try:
+        for i, p in enumerate(paths):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
+            slide, mask, grid, h = _plan_and_hash(p, cfg, hasher)
+            if h in seen:
+                raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
+            seen[h] = Path(p)
+            plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid))
+    finally:
+        hasher.shutdown(wait=False, cancel_futures=True)
 
     # 2. decide what to do with the store and each slide
     created = False
@@ -227,7 +257,8 @@ def tile_slides(
         done = 0
         t0 = time.perf_counter()
         yield Progress(0, total, f"tiling {len(tasks)} blocks from {len(plans)} slide(s)")
-        for _sid, _b, n in run_tasks(tile_block, tasks, workers=cfg.workers, scheduler=cfg.scheduler, cancel=cancel):
+        for _sid, _b, n in run_tasks(tile_block, tasks, workers=cfg.workers, scheduler=cfg.scheduler, cancel=cancel,
+                                    preload=WORKER_PRELOAD):
             done += n
             rate = done / max(1e-9, time.perf_counter() - t0)
             yield Progress(done, total, f"{done}/{total} patches", {"patches_per_second": rate})
