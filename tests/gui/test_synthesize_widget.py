@@ -217,3 +217,20 @@ def test_bad_input_is_one_sentence_and_no_layer(widget, tiny, qtbot, tmp_path, n
     _run(w, qtbot, n=2, steps=2)
     assert "classifier-free guidance" in _errors(notes)[-1]
     assert len(w.viewer.layers) == n_layers and w.status_label.text() == _errors(notes)[-1]
+
+
+@pytest.mark.slow
+def test_diffusers_imports_after_a_software_gl_viewer(tmp_path):
+    """Under Mesa's software OpenGL (libLLVM in the process, as here under Xvfb) importing diffusers
+    after the viewer exists pulled in triton, whose own LLVM clashes with Mesa's: a segmentation fault.
+    The widget blocks triton first; this runs the real sequence in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import napari; v = napari.Viewer(show=False)\n"
+            "from napari_protodiff._napari._jobs import avoid_llvm_clash\n"
+            "blocked = avoid_llvm_clash()\n"
+            "import diffusers.models.autoencoders, torch\n"
+            "print('ok', blocked)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

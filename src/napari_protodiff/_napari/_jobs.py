@@ -80,6 +80,25 @@ def prototypes_job(store: str, embed_config, proto_config, cancel):
     return Outcome(value=(embedded, fitted))
 
 
+def avoid_llvm_clash() -> bool:
+    """Keep torch from importing triton when the process already holds another LLVM (Mesa's software
+    OpenGL, ``libLLVM``, as under Xvfb or without a GPU driver): the two LLVMs' symbols clash and the
+    process dies with a segmentation fault as soon as diffusers imports ``torch._dynamo``. Triton only
+    compiles GPU kernels, which nothing here needs. Returns whether triton was blocked."""
+    import sys
+
+    if "triton" in sys.modules:
+        return False
+    try:
+        with open("/proc/self/maps") as f:
+            clash = "/libLLVM" in f.read()
+    except OSError:  # not Linux
+        return False
+    if clash:
+        sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` raises ImportError
+    return clash
+
+
 def start(func, *args, **connect):
     """Create a napari worker for ``func(*args)``, connect ``signal=slot`` pairs, start it."""
     from napari.qt.threading import create_worker

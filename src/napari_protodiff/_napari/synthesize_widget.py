@@ -124,11 +124,12 @@ class SynthesizeWidget(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for c in (1, 2):
             header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
-        self.proto_table.setMinimumHeight(110)
+        self.proto_table.setMinimumHeight(80)
+        self.proto_table.setMaximumHeight(260)
         self.proto_table.setToolTip("Tick the prototypes to steer toward; picking a prototype on a prototype map of "
                                     "the model's training store ticks it here")
         lay.addWidget(self.proto_table)
-        root.addWidget(box, 1)
+        root.addWidget(box)
 
         box = QGroupBox("Sampling")
         lay = QVBoxLayout(box)
@@ -181,6 +182,7 @@ class SynthesizeWidget(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         lay.addWidget(self.status_label)
         root.addWidget(box)
+        root.addStretch(1)
         self._on_mode()
 
     # -- the model -----------------------------------------------------------------------
@@ -233,6 +235,8 @@ class SynthesizeWidget(QWidget):
                 it = QTableWidgetItem(text)
                 it.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.proto_table.setItem(j, c, it)
+        rows = sum(self.proto_table.rowHeight(j) for j in range(min(info.k, 8)))
+        self.proto_table.setFixedHeight(min(260, max(80, rows + self.proto_table.horizontalHeader().height() + 6)))
 
     def _pick_model(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Diffusion model folder", self.model_path or "")
@@ -316,6 +320,7 @@ class SynthesizeWidget(QWidget):
                 show_warning("No real patch store is known for this model; the nearest real patches are not shown.")
         from napari.utils import progress
 
+        _jobs.avoid_llvm_clash()  # before the worker imports diffusers
         self.last_step = 0
         self.last_outcome = None
         self._token = CancelToken()
