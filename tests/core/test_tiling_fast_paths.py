@@ -135,3 +135,44 @@ def test_cancel_stops_worker_processes():
             got.append(r)
             token.cancel()
     assert 1 <= len(got) < 50
+
+
+@pytest.mark.parametrize("fill", [0, 255])
+def test_patch_writer_fill_value_test_looks_at_every_byte(tmp_path, fill):
+    """A patch is left out only if *all* of it equals the fill value (the writer first looks
+    at one byte): the same files as zarr's own write, whatever the fill value."""
+    rng = np.random.default_rng(0)
+    pix = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    pix[0] = fill  # all fill: no chunk
+    pix[1] = fill
+    pix[1, 63, 63, 2] = 255 - fill  # fill at the first byte, not everywhere
+    pix[2, 0, 0, 0] = fill  # fill at the first byte, random elsewhere
+    pix[3, 0, 0, 0] = 255 - fill
+    written = {}
+    for how in ("zarr", "direct"):
+        g = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w", zarr_format=3)
+        a = g.create_array("patches", shape=(4, 64, 64, 3), chunks=(1, 64, 64, 3), dtype="uint8",
+                           compressors=[_codec()], fill_value=fill, chunk_key_encoding=PATCH_CHUNK_KEYS)
+        if how == "zarr":
+            a[:] = pix
+        else:
+            w = patch_writer(a)
+            assert w.__name__ == "direct"
+            w(0, pix)
+        written[how] = _files(tmp_path / f"{how}.zarr")
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / f"{how}.zarr" / "patches"))[:], pix)
+    assert written["zarr"] == written["direct"]
+    assert sorted(k for k in written["direct"] if k.startswith("patches/c.")) == [
+        "patches/c.1.0.0.0", "patches/c.2.0.0.0", "patches/c.3.0.0.0"]
+
+
+def test_blosc_encoder_gives_the_codec_bytes():
+    from napari_protodiff.core.store import _blosc_encoder
+
+    codec = _codec()._blosc_codec
+    enc = _blosc_encoder(codec)
+    assert enc is not codec.encode  # the direct call is in use with this numcodecs
+    rng = np.random.default_rng(1)
+    for p in (rng.integers(0, 256, 256 * 256 * 3, dtype=np.uint8), np.full(256 * 256 * 3, 240, np.uint8),
+              rng.integers(200, 210, 999, dtype=np.uint8)):
+        assert enc(p) == bytes(codec.encode(p.reshape(-1, 3)))

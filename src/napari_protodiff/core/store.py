@@ -95,6 +95,10 @@ def patch_writer(arr) -> Callable[[int, np.ndarray], None]:
     made: set[str] = set()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
     dir_fd_ok = os.open in os.supports_dir_fd
+    # The ``c.<i>.0.0.0`` keys (PATCH_CHUNK_KEYS) as a string format, if that is what the encoding gives.
+    suffix = "".join(".0" for _ in tail)
+    if all(chunk_key((i, *tail)) == f"c.{i}{suffix}" for i in (0, 7, 12345)):
+        chunk_key = lambda idx: f"c.{idx[0]}{suffix}"  # noqa: E731
 
     def direct(start: int, pix: np.ndarray) -> None:
         pix = np.ascontiguousarray(pix, dtype=np.uint8)
