@@ -46,8 +46,8 @@ def _wait_running(proc: subprocess.Popen, run: Path, timeout: float = 300.0) -> 
     raise AssertionError("the job never started running")
 
 
-def _signal_and_wait(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
-    time.sleep(1.5)  # well inside the job (embedding or training), not at its first line
+def _signal_and_wait(proc: subprocess.Popen, sig: int, delay: float = 1.5) -> tuple[int, str]:
+    time.sleep(delay)  # 1.5 s: well inside the job (embedding or training); 0: as it sets up its run directory
     proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=120)
@@ -63,7 +63,7 @@ def _assert_cancelled(run: Path, rc: int, err: str) -> None:
     assert rd.state == "cancelled", (rd.status, err)
     assert "Traceback" not in err, err
     assert not (run / "outputs.partial").exists()
-    assert list(rd.outputs.iterdir()) == [], "a cancelled evaluation must not leave outputs behind"
+    assert rd.outputs.is_dir() and list(rd.outputs.iterdir()) == [], "a cancelled evaluation must not leave outputs behind"
     assert "cancelled" in rd.log_path.read_text()
 
 
@@ -82,7 +82,7 @@ def test_signal_cancels_an_evaluate_mil_run(sig, tmp_path, eval_store, eval_slid
                     "--encoder", "builtin", "--device", "cpu", "--folds", "2", "--epochs", "10000", "--n-boot", "10",
                     "--resume"])
     _wait_running(again, run)
-    rc, err = _signal_and_wait(again, signal.SIGTERM)
+    rc, err = _signal_and_wait(again, signal.SIGTERM, delay=0.0)
     _assert_cancelled(run, rc, err)
 
 

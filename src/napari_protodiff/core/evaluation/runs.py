@@ -23,7 +23,7 @@ import contextlib
 import csv
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -82,16 +82,46 @@ def cancel_on_signals() -> Iterator[None]:
         signal.signal(signal.SIGINT, old_int)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT held back (delivered on leaving) around a few file operations that belong together."""
+    import signal
+    import threading
+
+    held = {signal.SIGTERM, signal.SIGINT}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def fresh_outputs(rd: RunDir) -> None:
     """Empty ``outputs/`` (and any stale ``outputs.partial/``) as a run (re)starts."""
-    for p in (rd.outputs, rd.path / "outputs.partial"):
-        shutil.rmtree(p, ignore_errors=True)
-    rd.outputs.mkdir(exist_ok=True)
+    with _signals_held():
+        for p in (rd.outputs, rd.path / "outputs.partial"):
+            shutil.rmtree(p, ignore_errors=True)
+        rd.outputs.mkdir(exist_ok=True)
 
 
 @contextlib.contextmanager
-def staged_outputs(rd: RunDir) -> Iterator[Path]:
-    """A folder to write the outputs into, put in place of ``outputs/`` only if the body completes."""
+def running_fresh(rd: RunDir) -> Iterator[RunDir]:
+    """``rd.running()`` with an emptied ``outputs/``; a signal arriving while this is set up waits until the run
+    is marked running, so it always ends the run as ``cancelled``."""
+    with contextlib.ExitStack() as stack:
+        with _signals_held():
+            stack.enter_context(rd.running())
+            fresh_outputs(rd)
+        yield rd
+
+
+@contextlib.contextmanager
+def staged_outputs(rd: RunDir, **finished: Any) -> Iterator[Path]:
+    """A folder to write the outputs into; if the body completes it replaces ``outputs/`` and the run is marked
+    ``finished`` (with ``finished`` as status fields), both before a signal can intervene."""
     stage = rd.path / "outputs.partial"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
@@ -100,8 +130,10 @@ def staged_outputs(rd: RunDir) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    shutil.rmtree(rd.outputs, ignore_errors=True)
-    stage.rename(rd.outputs)
+    with _signals_held():
+        shutil.rmtree(rd.outputs, ignore_errors=True)
+        stage.rename(rd.outputs)
+        rd.set_status("finished", **{"message": "finished", **finished})
 
 
 def tracked(gen, rd: RunDir, every_s: float = 0.5):
@@ -161,16 +193,14 @@ def evaluate_mil(cohort: str | Path, store: str | Path, run_dir: str | Path, con
     conf = {"cohort": str(Path(cohort).resolve()), "store": str(Path(store).resolve()), "encoder": encoder,
             "mil": cfg.model_dump()}
     rd = RunDir.prepare(run_dir, "evaluate-mil", conf, resume=resume)
-    with rd.running():
-        fresh_outputs(rd)
+    with running_fresh(rd):
         bags, ident = yield from tracked(cohort_bags(cohort, store, encoder=encoder_obj, encoder_name=encoder,
                                                      device=device, cancel=cancel), rd)
         rd.log(f"{len(bags)} slides, encoder {ident.get('name')}")
         result = yield from tracked(cross_validate(bags, cfg, cancel, source=str(cohort)), rd)
         result.encoder = ident
-        with staged_outputs(rd) as out:
+        with staged_outputs(rd, metrics={m: ci.to_dict() for m, ci in result.metrics.items()}) as out:
             save_mil(result, bags, out, {"cohort": conf["cohort"], "store": conf["store"]})
-        rd.set_status("finished", message="finished", metrics={m: ci.to_dict() for m, ci in result.metrics.items()})
         rd.log("finished")
     return result, rd
 
@@ -184,8 +214,7 @@ def evaluate_probe(source: str | Path, run_dir: str | Path | None = None, config
         return result, None
     rd = RunDir.prepare(run_dir, "evaluate-probe", {"patches": str(Path(source).resolve()), "probe": cfg.model_dump()},
                         resume=resume)
-    with rd.running():
-        fresh_outputs(rd)
+    with running_fresh(rd):
         result: ProbeResult = yield from tracked(run_probe(source, cfg, cancel, encoder=encoder), rd)
         rows = []
         for i in range(result.n_patches):
@@ -196,5 +225,4 @@ def evaluate_probe(source: str | Path, run_dir: str | Path | None = None, config
         with staged_outputs(rd) as out:
             _write_csv(out / "predictions.csv", rows)
             atomic_write_json(out / "results.json", result.to_dict())
-        rd.set_status("finished", message="finished")
     return result, rd
