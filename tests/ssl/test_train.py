@@ -128,22 +128,39 @@ def test_bad_inputs_one_sentence_each(tiny_config, tmp_path, real_store, other_s
     assert not (rd.outputs / "encoder").exists()
 
 
-def _cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "napari_protodiff.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, **kw)
+@pytest.fixture
+def cli(capsys):
+    """Run ``protodiff ARGS`` in this process (the CLI's behaviour, without a new interpreter importing torch
+    each time; test_ddp_two_cpu_processes_with_gloo runs it as real processes): (exit status, stdout, stderr)."""
+    import torch
+
+    from napari_protodiff.cli import main
+
+    threads = torch.get_num_threads()  # --threads sets them for the process
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
 
 
 TINY_CLI = ["--batch-size", "4", "--images-per-epoch", "8", "--epochs", "1", "--n-local", "2", "--out-dim", "256",
             "--workers", "0", "--threads", "1"]
 
 
-def test_cli_pretrain_jobs_and_errors(real_store, other_store, store_48px, tmp_path):
+def test_cli_pretrain_jobs_and_errors(real_store, other_store, store_48px, tmp_path, cli):
     run = tmp_path / "run"
-    r = _cli("pretrain", "--real", real_store, "--synthetic", other_store, "--real-fraction", "0.5", "-o", run,
+    r = cli("pretrain", "--real", real_store, "--synthetic", other_store, "--real-fraction", "0.5", "-o", run,
              *TINY_CLI)
     assert r.returncode == 0, r.stderr
     assert "use it as --encoder" in r.stdout
-    r = _cli("jobs", "show", run, "--json")
+    r = cli("jobs", "show", run, "--json")
     s = json.loads(r.stdout)
     assert s["state"] == "finished" and s["kind"] == "pretrain" and s["step"] == s["total"] == 2
     from napari_protodiff.core.jobs import RunDir
@@ -153,19 +170,19 @@ def test_cli_pretrain_jobs_and_errors(real_store, other_store, store_48px, tmp_p
     import shutil
 
     shutil.copytree(real_store, tmp_path / "copy.zarr")
-    r = _cli("embed", tmp_path / "copy.zarr", "--encoder", run, "--device", "cpu", "--json")
+    r = cli("embed", tmp_path / "copy.zarr", "--encoder", run, "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)  # embedded with the pretrained encoder, named by its run directory
-    r = _cli("jobs", "list", tmp_path)
+    r = cli("jobs", "list", tmp_path)
     assert r.returncode == 0 and "finished" in r.stdout and str(run) in r.stdout
-    r = _cli("pretrain", "--real", real_store, "--real-fraction", "-0.1", "-o", tmp_path / "x", *TINY_CLI)
+    r = cli("pretrain", "--real", real_store, "--real-fraction", "-0.1", "-o", tmp_path / "x", *TINY_CLI)
     assert r.returncode == 2 and r.stderr.strip() == \
         "protodiff: error: The real fraction must be between 0 and 1 (got -0.1)."
-    r = _cli("pretrain", "--real", real_store, "--synthetic", store_48px, "--real-fraction", "0.5", "-o",
+    r = cli("pretrain", "--real", real_store, "--synthetic", store_48px, "--real-fraction", "0.5", "-o",
              tmp_path / "y", *TINY_CLI)
     assert r.returncode == 2 and "pass --resize" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "y").exists()
-    r = _cli("jobs", "show", tmp_path / "nothing")
+    r = cli("jobs", "show", tmp_path / "nothing")
     assert r.returncode == 2 and "no such run directory" in r.stderr
 
 
