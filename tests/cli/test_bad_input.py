@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from napari_protodiff.cli import main
 from napari_protodiff.core.store import PatchStore
 
 
-def tile(*args):
-    return subprocess.run([sys.executable, "-m", "napari_protodiff.cli", "tile", *map(str, args)],
-                          capture_output=True, text=True)
+def tile(*args, process=False):
+    """``protodiff tile ARGS``: in this process (the CLI's own handling of the input; no interpreter start
+    per call), or with ``process=True`` as a real ``python -m napari_protodiff.cli`` (exit status, stderr)."""
+    argv = ["tile", *map(str, args)]
+    if process:
+        return subprocess.run([sys.executable, "-m", "napari_protodiff.cli", *argv], capture_output=True, text=True)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_sentence_error(p, *needles):
@@ -43,7 +53,7 @@ def real_rgb(cmu_svs):
 def test_zero_byte_svs(tmp_path):
     f = tmp_path / "empty.svs"
     f.write_bytes(b"")
-    assert_one_sentence_error(tile(f, "-o", tmp_path / "o.zarr"), "empty.svs", "empty (0 bytes)")
+    assert_one_sentence_error(tile(f, "-o", tmp_path / "o.zarr", process=True), "empty.svs", "empty (0 bytes)")
     assert_no_complete_store(tmp_path / "o.zarr")
 
 
@@ -143,6 +153,7 @@ def test_workers_and_scheduler_together(tmp_path, he_png):
 
 
 def test_unreachable_scheduler(tmp_path, he_png):
-    p = tile(he_png, "-o", tmp_path / "o.zarr", "--mpp-override", "0.5", "--scheduler", "tcp://127.0.0.1:9")
+    p = tile(he_png, "-o", tmp_path / "o.zarr", "--mpp-override", "0.5", "--scheduler", "tcp://127.0.0.1:9",
+             process=True)
     assert_one_sentence_error(p, "tcp://127.0.0.1:9")
     assert_no_complete_store(tmp_path / "o.zarr")
