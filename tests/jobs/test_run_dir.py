@@ -85,15 +85,22 @@ def test_status_writes_are_atomic(tmp_path):
     assert not [p for p in os.listdir(rd.path) if p.endswith(".tmp")]
 
 
-def test_find_runs_and_the_jobs_cli(tmp_path):
+def test_find_runs_and_the_jobs_cli(tmp_path, capsys):
+    from napari_protodiff.cli import main
+
     RunDir.prepare(tmp_path / "a", "pretrain", {"x": 1})
     RunDir.prepare(tmp_path / "deep" / "b", "embed", {"x": 2})
     (tmp_path / "a" / "outputs" / "nested").mkdir()
     assert sorted(r.path.name for r in find_runs(tmp_path)) == ["a", "b"]
-    run = [sys.executable, "-m", "napari_protodiff.cli", "jobs"]
-    out = subprocess.run([*run, "list", str(tmp_path), "--json"], capture_output=True, text=True, check=True)
-    assert {r["kind"] for r in json.loads(out.stdout)} == {"pretrain", "embed"}
-    out = subprocess.run([*run, "show", str(tmp_path / "a")], capture_output=True, text=True, check=True)
-    assert "kind        pretrain" in out.stdout and "state       new" in out.stdout
-    bad = subprocess.run([*run, "show", str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().endswith("not a protodiff run directory (no run.json).")
+
+    def jobs(*args):  # `protodiff jobs ARGS` in this process: (exit status, stdout, stderr)
+        code = main(["jobs", *map(str, args)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, _ = jobs("list", tmp_path, "--json")
+    assert code == 0 and {r["kind"] for r in json.loads(out)} == {"pretrain", "embed"}
+    code, out, _ = jobs("show", tmp_path / "a")
+    assert code == 0 and "kind        pretrain" in out and "state       new" in out
+    code, _, err = jobs("show", tmp_path)
+    assert code == 2 and err.strip().endswith("not a protodiff run directory (no run.json).")
