@@ -48,6 +48,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: the job ends like Ctrl-C (a BaseException, so no ``except Exception`` swallows it)."""
 
 
+# Signals that arrived while held (see _signals_held); the handlers below run in the main thread.
+_HOLD = {"depth": 0, "pending": None}
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    import signal
+
+    return Terminated("cancelled (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
 def cancel_on_signals() -> Iterator[None]:
     """While inside, SIGTERM (the Jobs widget's Cancel, a scheduler's stop) raises :class:`Terminated` and
@@ -66,37 +76,40 @@ def cancel_on_signals() -> Iterator[None]:
         yield
         return
 
-    def on_term(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated("cancelled (SIGTERM)")
+    def on_signal(signum, frame):
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if _HOLD["depth"]:  # inside a few file operations that belong together: raised when they are done
+            _HOLD["pending"] = _HOLD["pending"] or signum
+            return
+        raise _interrupt(signum)
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
     try:
         yield
     except KeyboardInterrupt as exc:  # the run is marked cancelled by now; say so in one sentence (exit 130)
         how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
         raise Cancelled(f"Cancelled ({how}); the same command with --resume starts it again.") from None
     finally:
+        _HOLD["pending"] = None
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT held back (delivered on leaving) around a few file operations that belong together."""
-    import signal
-    import threading
-
-    held = {signal.SIGTERM, signal.SIGINT}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """SIGTERM and SIGINT (under :func:`cancel_on_signals`) held back around a few file operations that belong
+    together, and raised when they are done. (A flag, not a blocked signal mask: the kernel may hand a
+    process's signal to any thread, e.g. a BLAS worker, and Python runs the handler in the main thread.)"""
+    _HOLD["depth"] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _HOLD["depth"] -= 1
+    if _HOLD["depth"] == 0 and _HOLD["pending"] is not None:
+        signum, _HOLD["pending"] = _HOLD["pending"], None
+        raise _interrupt(signum)
 
 
 def fresh_outputs(rd: RunDir) -> None:
