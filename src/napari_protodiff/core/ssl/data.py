@@ -225,10 +225,11 @@ def _worker_init(_worker_id: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    # A SIGTERM sent to the whole process group (torchrun, `kill -- -PGID`) is for the
-    # training process, which stops after its step and shuts the loader down; a worker
-    # dying first would turn a clean cancel into a loader error.
+    # A SIGTERM or SIGINT sent to the whole process group (torchrun, `kill -- -PGID`, Ctrl-C
+    # in a terminal) is for the training process, which stops after its step and shuts the
+    # loader down; a worker dying first would turn a clean cancel into a loader error.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset: MultiCropDataset, sampler: HybridSampler, batch_size: int, workers: int,

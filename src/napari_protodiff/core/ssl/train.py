@@ -237,14 +237,22 @@ def _train(cfg: PretrainConfig, rd: RunDir, rank: int, world: int, device, sourc
                          seed=cfg.seed)
     stop = {"signal": None}
 
-    def on_signal(signum, frame):  # SIGTERM (cancel from the Jobs widget, torchrun): stop between steps
+    def on_signal(signum, frame):
+        # SIGTERM (cancel from the Jobs widget, torchrun) or SIGINT (Ctrl-C, sent by the terminal to the
+        # whole process group, loader workers included): finish the step, checkpoint, end as cancelled.
+        # A second Ctrl-C interrupts at once (the run still ends as cancelled, from its last checkpoint).
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt
         stop["signal"] = signum
 
-    old_handler = None
-    try:
-        old_handler = signal.signal(signal.SIGTERM, on_signal)
-    except ValueError:  # not the main thread (napari worker): the cancel token is the way
-        old_handler = None
+    old_handlers: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # a job started in a script's background ignores Ctrl-C, as its shell meant
+            old_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread (napari worker): the cancel token is the way
+            break
 
     first_loss = last_loss = None
     step = start
@@ -351,8 +359,8 @@ def _train(cfg: PretrainConfig, rd: RunDir, rank: int, world: int, device, sourc
     finally:
         del it
         del loader
-        if old_handler is not None:
+        for sig, handler in old_handlers.items():
             try:
-                signal.signal(signal.SIGTERM, old_handler)
+                signal.signal(sig, handler)
             except ValueError:
                 pass
