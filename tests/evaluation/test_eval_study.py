@@ -51,12 +51,29 @@ def test_study_config_errors(tmp_path, capsys):
     assert rc == 2 and "needs cohort and store" in err and not (tmp_path / "run").exists()
 
 
+def test_study_given_synthetic_store_must_be_a_store(tmp_path, eval_store, capsys):
+    """An already sampled synthetic store (what protodiff demo hands its study) replaces sampling; a wrong one is
+    one sentence, before any training."""
+    config = {"real": [str(eval_store)], "arms": ["synthetic"], "synthetic": "nope.zarr",
+              "tasks": [{"name": "t", "kind": "probe", "patches": "patches"}]}
+    (tmp_path / "s.json").write_text(json.dumps(config))
+    rc = main(["study", str(tmp_path / "s.json"), "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.zarr: not a patch store" in err and "\n" not in err.strip()
+    assert not (tmp_path / "run" / "diffusion").exists()
+
+
 def test_demo_study_quick(tmp_path, capsys):
-    """protodiff study --demo: the bundled slide, a planted cohort of its patches, random vs built-in encoder."""
+    """protodiff study --demo: the bundled slide, a planted cohort of its patches (and a probe on them),
+    random vs built-in encoder."""
     rc = main(["study", "--demo", str(tmp_path / "demo"), "--demo-quick", "-o", str(tmp_path / "run"), "--json"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     rows = json.loads(out.out)["table"]
-    auc = {r["encoder"]: r["value"] for r in rows if r["metric"] == "auc"}
+    auc = {r["encoder"]: r["value"] for r in rows if r["metric"] == "auc" and r["task"] == "planted"}
     assert set(auc) == {"random", "builtin"} and auc["builtin"] > 0.8
-    assert (tmp_path / "run" / "outputs" / "report.md").is_file()
+    assert {r["task"] for r in rows} == {"planted", "planted-patches:linear", "planted-patches:knn"}
+    labels = [np.asarray(e.group["labels"][:]) for e in PatchStore(tmp_path / "demo" / "cohort" / "cohort.zarr").slides()]
+    assert {int(v) for lab in labels for v in lab} == {0, 1}
+    report = (tmp_path / "run" / "outputs" / "report.md").read_text()
+    assert "Smoke-scale demonstration" in report and "not meaningful" in report

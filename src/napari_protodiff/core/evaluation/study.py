@@ -5,8 +5,8 @@ Stages, each written into the study's run directory and skipped when already don
 
     RUN/
       diffusion/                 latent diffusion + prototype classifier trained on the real store (or a given model)
-      synthetic.zarr             prototype-guided synthetic patches
-      synthetic-unguided.zarr    unguided synthetic patches (the ablation, guidance 0)
+      synthetic.zarr             prototype-guided synthetic patches (or a given, already sampled store)
+      synthetic-unguided.zarr    unguided synthetic patches (the ablation, guidance 0; or a given store)
       pretrain/<arm>/            DINO runs: real, synthetic, hybrid, unguided; random: a random-initialised encoder
       evaluations/<encoder>/<task>/   one evaluate-mil / evaluate-probe run per encoder and task
       outputs/report.md          results table, metric bars, ROC / Kaplan-Meier curves, data size plot
@@ -62,6 +62,8 @@ class StudyConfig(BaseModel):
     real: list[str] = Field(default_factory=list, description="Real patch stores (diffusion and pretraining).")
     arms: list[Literal["real", "synthetic", "hybrid", "unguided", "random"]] = Field(default_factory=lambda: list(ARMS))
     diffusion_model: str | None = Field(None, description="An already trained diffusion model folder.")
+    synthetic: str | None = Field(None, description="An already sampled prototype-guided synthetic store (no sampling).")
+    synthetic_unguided: str | None = Field(None, description="An already sampled unguided synthetic store (no sampling).")
     diffusion: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"})
     prototypes_k: int = Field(8, ge=2, description="Prototypes fitted on the real store when it has none.")
     n_synthetic: int = Field(256, ge=1)
@@ -75,6 +77,7 @@ class StudyConfig(BaseModel):
     n_perm: int = Field(0, ge=0)
     device: str = "auto"
     seed: int = 0
+    notes: list[str] = Field(default_factory=list, description="Lines put at the top of the report.")
 
     @model_validator(mode="after")
     def _needs(self) -> "StudyConfig":
@@ -110,8 +113,9 @@ def load_study_config(path: str | Path) -> StudyConfig:
         return None if v is None else str((base / Path(v).expanduser()).resolve())
 
     data["real"] = [res(x) for x in data.get("real", [])]
-    if data.get("diffusion_model"):
-        data["diffusion_model"] = res(data["diffusion_model"])
+    for key in ("diffusion_model", "synthetic", "synthetic_unguided"):
+        if data.get(key):
+            data[key] = res(data[key])
     data["encoders"] = {k: (res(v) if (base / v).exists() else v) for k, v in (data.get("encoders") or {}).items()}
     for t in data.get("tasks", []) or []:
         if isinstance(t, dict):
@@ -179,6 +183,7 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
             yield from tracked(_synthesize(cfg, rd, synth_arms, cancel), rd)
         st = _stages(rd)
         n_real = _n_patches(cfg.real) if cfg.real else 0
+        n_syn, n_ung = (_n_patches([p]) if p else cfg.n_synthetic for p in (cfg.synthetic, cfg.synthetic_unguided))
         for arm in cfg.arms:
             key = f"pretrain:{arm}"
             if key not in st:
@@ -190,8 +195,8 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
                 _done(rd, key, path)
                 st = _stages(rd)
             encoders[arm] = st[key]
-            sizes[arm] = {"real": n_real, "synthetic": cfg.n_synthetic, "unguided": cfg.n_synthetic,
-                          "hybrid": n_real + cfg.n_synthetic}.get(arm)
+            sizes[arm] = {"real": n_real, "synthetic": n_syn, "unguided": n_ung,
+                          "hybrid": n_real + n_syn}.get(arm)
         encoders.update(cfg.encoders)
         sizes = {k: v for k, v in sizes.items() if v}
         results: dict[str, dict[str, Any]] = {}
@@ -214,8 +219,12 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
                         results[enc_name][f"{t.name}:{probe}"] = _as_probe(res, probe)
         ref = cfg.reference or ("real" if "real" in encoders else next(iter(encoders)))
         rows = results_table(results, reference=ref, n_boot=max(cfg.n_boot, 200), n_perm=cfg.n_perm, seed=cfg.seed)
-        notes = [f"encoders: {', '.join(f'{k} ({v})' for k, v in encoders.items())}", f"reference: {ref}",
-                 f"synthetic patches per arm: {cfg.n_synthetic} (guidance {cfg.guidance:g}; unguided: 0)"]
+        notes = [*cfg.notes, f"encoders: {', '.join(f'{k} ({v})' for k, v in encoders.items())}",
+                 f"reference: {ref}"]
+        if synth_arms:
+            given = [p for p in (cfg.synthetic, cfg.synthetic_unguided) if p]
+            notes.append(f"synthetic patches: {n_syn} guided (guidance {cfg.guidance:g}), {n_ung} unguided"
+                         + (f"; already sampled stores: {', '.join(given)}" if given else ""))
         report = write_report(rd.outputs, rows, results, title="Data-efficiency study", reference=ref, sizes=sizes,
                               notes=notes)
         rd.set_status("finished", message="finished", report=str(report))
@@ -236,7 +245,21 @@ def _synthesize(cfg: StudyConfig, rd: RunDir, arms: list[str], cancel) -> Iterat
     from ..diffusion.config import DiffusionConfig, SampleConfig
     from ..diffusion.fit import train_diffusion
     from ..diffusion.synthesize import synthesize
+    from ..store import PatchStore
 
+    wanted = {"synthetic.zarr": cfg.guidance} if {"synthetic", "hybrid"} & set(arms) else {}
+    if "unguided" in arms:
+        wanted["synthetic-unguided.zarr"] = 0.0
+    given = {"synthetic.zarr": cfg.synthetic, "synthetic-unguided.zarr": cfg.synthetic_unguided}
+    for name in list(wanted):
+        if given[name]:  # already sampled (e.g. by protodiff demo): used as it is
+            if not PatchStore.is_store(given[name]):
+                raise EvaluationError(f"{given[name]}: not a patch store (the study's {name.split('.')[0]} store).")
+            _done(rd, f"sample:{name}", given[name])
+        if f"sample:{name}" in _stages(rd):
+            del wanted[name]
+    if not wanted:
+        return
     st = _stages(rd)
     model = cfg.diffusion_model
     if model is None:
@@ -249,12 +272,7 @@ def _synthesize(cfg: StudyConfig, rd: RunDir, arms: list[str], cancel) -> Iterat
             yield from train_diffusion(cfg.real[0], rd.path / "diffusion", dc, overwrite=True, cancel=cancel)
             model = str(rd.path / "diffusion")
             _done(rd, "diffusion", model)
-    wanted = {"synthetic.zarr": cfg.guidance} if {"synthetic", "hybrid"} & set(arms) else {}
-    if "unguided" in arms:
-        wanted["synthetic-unguided.zarr"] = 0.0
     for name, g in wanted.items():
-        if f"sample:{name}" in _stages(rd):
-            continue
         out = rd.path / name
         yield from synthesize(model, out, SampleConfig(n=cfg.n_synthetic, guidance=g, seed=cfg.seed, device=cfg.device),
                               cancel=cancel)
@@ -296,20 +314,26 @@ def _pretrain(cfg: StudyConfig, rd: RunDir, arm: str, st: dict, cancel) -> Itera
     return result.encoder
 
 
+SMOKE_NOTE = ("**Smoke-scale demonstration.** The DINO encoders here saw {images} images ({steps} steps) each, of a few "
+              "hundred 32-px patches of one slide, and the tasks are a planted cohort of {n_slides} virtual slides made "
+              "of those patches and a patch probe on them: the numbers only show that the machinery runs end to end; "
+              "at this scale they are not meaningful and say nothing about real, synthetic or hybrid pretraining.")
+
+DEMO_PRETRAIN = {"preset": "tiny", "epochs": 1, "images_per_epoch": 64, "workers": 0}
+
+
 def write_demo_study(folder: str | Path, full: bool = True) -> Iterator[Progress]:
     """A tiny study on the bundled sample slide (a generator of progress returning the config path).
 
     The slide is tiled (32 px at 1 µm/px) into ``folder/real.zarr`` and embedded with the
-    built-in encoder; a planted classification cohort of virtual slides made of its real
-    patches is written beside it (:func:`.planted.write_planted_cohort`). The config runs
-    every arm with settings that only show the machinery works (10 training steps per
+    built-in encoder; the tasks are written beside it (:func:`demo_study_config`). The config
+    runs every arm with settings that only show the machinery works (10 training steps per
     model, 16 synthetic patches; about 7 minutes on two busy CPU cores) when ``full``, or
     only the random-initialised encoder and the built-in one.
     """
     from ...data import SAMPLE_SLIDE
     from ..embedding import EmbedConfig, embed_store
     from ..tiling import TilingConfig, tile_slides
-    from .planted import write_planted_cohort
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,22 +341,89 @@ def write_demo_study(folder: str | Path, full: bool = True) -> Iterator[Progress
     if not real.exists():
         yield from tile_slides([SAMPLE_SLIDE], real, TilingConfig(size=32, mpp=1.0))
         yield from embed_store(real, EmbedConfig(encoder="builtin", device="cpu"))
+    return (yield from demo_study_config(
+        out, real, full=full, n_synthetic=16, pretrain=DEMO_PRETRAIN,
+        diffusion={"preset": "tiny", "autoencoder": {"steps": 10}, "unet": {"steps": 10}, "classifier": {"steps": 10}}))
+
+
+def demo_study_config(folder: str | Path, real: str | Path, full: bool = True, pretrain: dict | None = None,
+                      diffusion: dict | None = None, diffusion_model: str | Path | None = None,
+                      synthetic: str | Path | None = None, synthetic_unguided: str | Path | None = None,
+                      guidance: float = 3.0, n_synthetic: int = 16) -> Iterator[Progress]:
+    """The tiny study's tasks and config in ``folder`` (a generator of progress returning ``folder/study.json``).
+
+    ``real`` is a patch store of small patches (32 px at 1 µm/px in the demos); its built-in
+    embeddings (computed when missing) pick the prototype to plant. Written into ``folder``:
+
+    - ``cohort/cohort.csv`` + ``cohort/cohort.zarr``: a planted classification cohort of
+      virtual slides made of the store's real patches (:func:`.planted.write_planted_cohort`;
+      16 patients, 2 slides each, 16 patches a slide), the MIL task ``planted``;
+    - per patch of ``cohort.zarr`` a ``labels`` array (1: the planted prototype, 0: another),
+      which makes the same store a labelled patch set: the probe task ``planted-patches``
+      (linear and k-NN, grouped by virtual slide); its embeddings are shared with the MIL task;
+    - ``study.json``: every arm (``full``) or only the random-initialised one, plus the
+      built-in encoder; ``diffusion_model`` / ``synthetic`` / ``synthetic_unguided`` reuse
+      what an earlier run made (``protodiff demo``) instead of training and sampling again.
+      The report starts with :data:`SMOKE_NOTE`.
+    """
+    import os
+
+    from ..embedding import EmbedConfig, embed_store, embedding_keys
+    from ..ssl.config import PretrainConfig
+    from ..store import PatchStore
+    from .planted import write_planted_cohort
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    real = Path(real)
+    if "builtin" not in embedding_keys(PatchStore(real)):
+        yield from embed_store(real, EmbedConfig(encoder="builtin", device="cpu"))
+    n_patients, slides_per_patient = 16, 2
     if not (out / "cohort" / "cohort.csv").exists():
         yield Progress(0, 0, "writing the planted cohort")
-        write_planted_cohort(real, out / "cohort", n_patients=16, bag_size=16, seed=0)
+        write_planted_cohort(real, out / "cohort", n_patients=n_patients, slides_per_patient=slides_per_patient,
+                             bag_size=16, seed=0)
+    _label_planted_patches(out / "cohort" / "cohort.zarr")
+    pretrain = dict(pretrain or DEMO_PRETRAIN)
+    pc = PretrainConfig(real=[str(real)], **pretrain)
+    steps = pc.epochs * (pc.images_per_epoch // pc.batch_size)
+
+    def rel(p):
+        return None if p is None else os.path.relpath(Path(p).resolve(), out.resolve())
+
     cfg = {
-        "real": ["real.zarr"],
+        "real": [rel(real)],
         "arms": list(ARMS) if full else ["random"],
-        "diffusion": {"preset": "tiny", "autoencoder": {"steps": 10}, "unet": {"steps": 10},
-                      "classifier": {"steps": 10}},
-        "n_synthetic": 16,
-        "pretrain": {"preset": "tiny", "epochs": 1, "images_per_epoch": 64, "workers": 0},
+        "diffusion": diffusion or {"preset": "tiny"},
+        "diffusion_model": rel(diffusion_model),
+        "synthetic": rel(synthetic),
+        "synthetic_unguided": rel(synthetic_unguided),
+        "guidance": guidance,
+        "n_synthetic": n_synthetic,
+        "pretrain": pretrain,
         "encoders": {"builtin": "builtin"},
         "tasks": [{"name": "planted", "kind": "mil", "cohort": "cohort/cohort.csv", "store": "cohort/cohort.zarr",
-                   "folds": 4, "epochs": 20}],
+                   "folds": 4, "epochs": 20},
+                  {"name": "planted-patches", "kind": "probe", "patches": "cohort/cohort.zarr", "folds": 4}],
         "reference": "real" if full else "builtin",
         "n_boot": 200,
+        "notes": [SMOKE_NOTE.format(images=steps * pc.batch_size, steps=steps,
+                                    n_slides=n_patients * slides_per_patient)],
     }
     path = out / "study.json"
-    path.write_text(json.dumps(cfg, indent=2))
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}, indent=2))
     return path
+
+
+def _label_planted_patches(store: str | Path) -> None:
+    """Per patch of a planted cohort store, a ``labels`` array: 1 where the planted prototype is, else 0."""
+    import numpy as np
+
+    from ..store import PatchStore
+
+    for e in PatchStore(store, mode="r+").slides():
+        if "labels" in e.group:
+            continue
+        planted = np.asarray(e.attrs["planted"], bool)
+        e.group.create_array("labels", data=planted.astype(np.uint8), chunks=(max(1, len(planted)),),
+                             overwrite=True)
