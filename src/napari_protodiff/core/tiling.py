@@ -103,20 +103,33 @@ def _tissue_and_grid(slide: Slide, config: TilingConfig) -> tuple[TissueMask, Gr
     return mask, grid
 
 
-def _plan_and_hash(path: str | os.PathLike, config: TilingConfig, pool) -> tuple[Slide, TissueMask, GridPlan, str]:
+def _plan_and_hash(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, TissueMask, GridPlan, str]:
     """:func:`plan_slide` and the slide's content hash; the hash (reading the whole file,
-    GIL-free) runs in ``pool`` while tissue is detected. A planning error is raised as is
-    (the hash is then not waited for)."""
+    GIL-free) runs in a thread while tissue is detected. A planning error is raised as is,
+    without waiting for the hash (a daemon thread: it never holds up the exit)."""
+    import threading
+
     slide = open_slide(path, mpp_override=config.mpp_override)
     slide.require_mpp()
-    fut = pool.submit(slide.content_hash)
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["hash"] = slide.content_hash()
+        except BaseException as exc:  # raised in the caller
+            out["error"] = exc
+
+    th = threading.Thread(target=run, name="protodiff-hash", daemon=True)
+    th.start()
     try:
         mask, grid = _tissue_and_grid(slide, config)
     except BaseException:
-        fut.cancel()
         slide.close()
         raise
-    return slide, mask, grid, fut.result()
+    th.join()
+    if "error" in out:
+        raise out["error"]
+    return slide, mask, grid, out["hash"]
 
 
 def _check_output(out: Path) -> None:
@@ -188,23 +201,17 @@ def tile_slides(
     warm_up(tile_block, workers=cfg.workers, scheduler=cfg.scheduler, preload=WORKER_PRELOAD)
 
     # 1. plan every slide before writing anything
-    from concurrent.futures import ThreadPoolExecutor
-
     plans: list[SlidePlan] = []
     seen: dict[str, Path] = {}
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="protodiff-hash")
-    try:
-        for i, p in enumerate(paths):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
-            slide, mask, grid, h = _plan_and_hash(p, cfg, hasher)
-            if h in seen:
-                raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
-            seen[h] = Path(p)
-            plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid))
-    finally:
-        hasher.shutdown(wait=False, cancel_futures=True)
+    for i, p in enumerate(paths):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
+        slide, mask, grid, h = _plan_and_hash(p, cfg)
+        if h in seen:
+            raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
+        seen[h] = Path(p)
+        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid))
 
     # 2. decide what to do with the store and each slide
     created = False
