@@ -44,6 +44,19 @@ def tiny(tmp_path_factory, cmu_svs, ink_jpeg):
     return store, root / "model"
 
 
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny):
+    """The same, with a UNet conditioned on the prototype id (classifier-free guidance)."""
+    from napari_protodiff.core.diffusion.fit import train_diffusion
+    from napari_protodiff.core.progress import drain
+
+    store, model = tiny
+    cfg = DiffusionConfig(**json.loads((model / "protodiff.json").read_text())["config"])
+    cfg = cfg.model_copy(update={"unet": cfg.unet.model_copy(update={"class_conditional": True})})
+    drain(train_diffusion(store, model.parent / "model-cfg", cfg))
+    return model.parent / "model-cfg"
+
+
 @pytest.fixture
 def widget(make_napari_viewer, qtbot):
     """The widget docked from the plugin's contribution (with napari's public-only viewer proxy)."""
@@ -112,6 +125,28 @@ def test_samples_with_metadata_and_the_core_apis_pixels(widget, tiny, qtbot, not
     _run(w, qtbot, n=2, steps=2, seed=0, guidance=1.0)
     assert w.layers[0].metadata["prototype"] == [-1, -1] and w.layers[0].metadata["prototypes"] == "0:0.5,1:0.5"
     assert not _errors(notes)
+
+
+def test_classifier_free_guidance(widget, tiny_cfg, tiny, qtbot, notes):
+    from napari_protodiff.core.diffusion.synthesize import sample_images
+    from napari_protodiff.core.progress import drain
+
+    w = widget
+    w.set_model(tiny[1])
+    assert not w.cfg_check.isEnabled()  # a model without prototype ids
+    w.set_model(tiny_cfg)
+    assert w.cfg_check.isEnabled() and "classifier-free" in w.model_label.text()
+    w.cfg_check.setChecked(True)
+    w.cfg_spin.setValue(2.5)
+    w.set_mode("one")
+    w.set_checked([1])
+    _run(w, qtbot, n=2, steps=2, seed=5, guidance=0.0)
+    assert not _errors(notes)
+    [layer] = w.layers
+    md = layer.metadata
+    assert md["cfg_scale"] == 2.5 and md["prototype"] == [1, 1] and md["guidance"] == [0.0, 0.0]
+    images, _ = drain(sample_images(str(tiny_cfg), SampleConfig(**md["sample_config"])))
+    assert np.array_equal(layer.data, images)
 
 
 def test_cancel_stops_sampling_early(widget, tiny, qtbot, notes):

@@ -177,7 +177,8 @@ def train_diffusion(store: str | os.PathLike, output: str | os.PathLike, config:
         clf_metrics["holdout_accuracy"] = classifier_accuracy(clf, sched, z_held, y_held, seed=cfg.seed)
         zz = z_held[:1]
         tt = torch.zeros(1, dtype=torch.long, device=device)
-        clf_metrics["flops_ratio_to_unet"] = round(flops(clf, zz, tt) / max(1, flops(unet, zz, tt)), 4)
+        unet_in = (zz, tt) + ((torch.full((1,), k, dtype=torch.long, device=device),) if n_cond else ())
+        clf_metrics["flops_ratio_to_unet"] = round(flops(clf, zz, tt) / max(1, flops(unet, *unet_in)), 4)
         if rank == 0:
             clf.save_pretrained(str(work / "classifier"), safe_serialization=True)
             (work / "classifier_metrics.json").write_text(json.dumps(clf_metrics))
