@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.errors import Cancelled, ProtodiffError
 
     try:
-        app(args=argv, prog_name="protodiff", standalone_mode=False)
+        # Not standalone: exit codes come back as the return value (typer turns Ctrl-C
+        # into Exit(130), a command's ``raise typer.Exit(n)`` into n).
+        rv = app(args=argv, prog_name="protodiff", standalone_mode=False)
     except ProtodiffError as exc:
         if os.environ.get("PROTODIFF_DEBUG"):
             raise
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    if rv == 130:  # Ctrl-C
+        typer.echo("protodiff: interrupted; run the same command again to resume.", err=True)
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
