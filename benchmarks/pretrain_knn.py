@@ -13,8 +13,10 @@ scanner, section thickness) no longer tell its specimen; what is left is the tis
 structure and the spatial arrangement of colour inside the patch. A randomly initialised
 ViT's embedding is dominated by a patch's mean colour (it is near chance here), so a gain
 over it measures what the pretraining learnt. The pretraining itself runs as usual, on the
-bank patches as tiled, with its stain and colour jitter (``--train-on normalised`` trains on
-the normalised ones instead); at evaluation both encoders see the same inputs. The
+bank patches as tiled (``--train-on normalised``: on the normalised ones), by default with
+HED-strong stain jitter (0.2, Tellez et al. 2018) and colour jitter 0.4 so that colour is
+not the easiest thing to learn (``--stain-jitter``/``--color-jitter``; the preset's are 0.03
+and 0.2); at evaluation both encoders see the same inputs. The
 unnormalised task is reported too, for context (there a random ViT and a
 colour histogram are strong, because the four specimens differ in colour).
 
@@ -118,6 +120,29 @@ def _pm(values: list[float]) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
 
+def table(result: dict) -> list[str]:
+    """The markdown table (and the lines under it) of a result."""
+    runs = result["runs"]
+    lines = [f"{result['n_patches']} patches ({result['n_bank']} bank / {result['n_query']} queries), "
+             f"{len(result['classes'])} specimens, chance {100 * result['chance']:.1f} %; seeds "
+             f"{[r['seed'] for r in runs]}; k-NN accuracy in %, mean ± sd over seeds", "",
+             "| encoder | normalised, CLS | normalised, mean token | raw, CLS | raw, mean token |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, label in (("trained", "DINO-trained ViT-Tiny"), ("random_init", "same ViT-Tiny before training")):
+        cells = [_pm([r[f"{name}_{k}_{f}"] for r in runs]) for k in ("normalised", "raw") for f in ("cls", "mean")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    h = result["histogram"]
+    lines.append(f"| colour histogram (48 bins) | {100 * h['normalised']:.1f} | | {100 * h['raw']:.1f} | |")
+    margins = [[r[f"trained_normalised_{f}"] - r[f"random_init_normalised_{f}"] for r in runs] for f in ("cls", "mean")]
+    lines += ["", "margin on the normalised task per seed (points), CLS: "
+              + ", ".join(f"{100 * v:+.1f}" for v in margins[0])
+              + "; mean token: " + ", ".join(f"{100 * v:+.1f}" for v in margins[1]),
+              "DINO loss, mean of the first and the last epoch per seed: "
+              + ", ".join(f"{r['epoch_loss'][0]:.2f} -> {r['epoch_loss'][-1]:.2f}" for r in runs),
+              "pretraining seconds per seed: " + ", ".join(f"{r['seconds']:.0f}" for r in runs)]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / ".benchmarks-data" / "pretrain-knn"))
@@ -205,23 +230,7 @@ def main() -> None:
         (out / "knn.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: v for k, v in r.items() if k != "config"}), file=sys.stderr, flush=True)
 
-    runs = result["runs"]
-    lines = [f"{len(raw)} patches ({len(bank)} bank / {len(query)} queries), 4 specimens, chance "
-             f"{100 * result['chance']:.1f} %; seeds {args.seeds}; k-NN accuracy in %, mean ± sd over seeds", "",
-             "| encoder | normalised, CLS | normalised, mean token | raw, CLS | raw, mean token |",
-             "| --- | --- | --- | --- | --- |"]
-    for name, label in (("trained", "DINO-trained ViT-Tiny"), ("random_init", "same ViT-Tiny before training")):
-        cells = [_pm([r[f"{name}_{k}_{f}"] for r in runs]) for k in ("normalised", "raw") for f in ("cls", "mean")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    h = result["histogram"]
-    lines.append(f"| colour histogram (48 bins) | {100 * h['normalised']:.1f} | | {100 * h['raw']:.1f} | |")
-    margins = [[r[f"trained_normalised_{f}"] - r[f"random_init_normalised_{f}"] for r in runs] for f in ("cls", "mean")]
-    lines += ["", "margin on the normalised task per seed (points), CLS: "
-              + ", ".join(f"{100 * v:+.1f}" for v in margins[0])
-              + "; mean token: " + ", ".join(f"{100 * v:+.1f}" for v in margins[1]),
-              "DINO loss, mean of the first and the last epoch per seed: "
-              + ", ".join(f"{r['epoch_loss'][0]:.2f} -> {r['epoch_loss'][-1]:.2f}" for r in runs),
-              "pretraining seconds per seed: " + ", ".join(f"{r['seconds']:.0f}" for r in runs)]
+    lines = table(result)
     result["table"] = lines
     (out / "knn.json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
