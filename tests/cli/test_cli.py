@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,10 +63,52 @@ def test_tile_json_then_store_info(tmp_path, cmu_svs, he_png):
 
 
 def test_demo_runs_and_says_where_outputs_are(tmp_path):
+    """The default demo: every stage leaves its output, and the last one, a tiny study, reuses the diffusion stage's."""
     p = run("demo", "-o", tmp_path / "demo")
-    assert "Outputs in" in p.stdout and (tmp_path / "demo" / "tissue_and_grid.png").stat().st_size > 10_000
-    assert PatchStore(tmp_path / "demo" / "patches.zarr").slides()[0].complete
-    rep = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
+    out = tmp_path / "demo"
+    assert "Outputs in" in p.stdout and (out / "tissue_and_grid.png").stat().st_size > 10_000
+    assert PatchStore(out / "patches.zarr").slides()[0].complete
+    rep = json.loads((out / "demo_report.json").read_text())
     assert rep["tiling"]["patches_written"] > 0
-    err = run("demo", "-o", tmp_path / "demo", check_rc=2)
+    for key in ("patches_mosaic", "prototype_map", "prototype_exemplars", "guided_samples"):
+        assert Path(rep["outputs"][key]).stat().st_size > 1_000, key
+    assert rep["prototypes"]["embedding"]["patches_embedded"] == rep["tiling"]["patches_written"]
+    assert (out / "diffusion-model").is_dir() and rep["diffusion"]["training"]
+    assert sorted(r["guidance"] for r in rep["diffusion"]["fidelity"]["runs"]) == [0.0, 10.0]
+    for store in ("synthetic.zarr", "synthetic-unguided.zarr"):
+        assert [e.n_patches for e in PatchStore(out / store).slides() if e.complete] == [32], store
+    # seconds of every stage, in the report and the final printout
+    assert set(rep["stage_seconds"]) >= {"slide", "tiling", "prototypes", "diffusion: training", "study"}
+    assert all(v >= 0 for v in rep["stage_seconds"].values()) and "study " in p.stdout.split("Outputs in")[0]
+    assert set(rep["stage_cpu_seconds"]) == set(rep["stage_seconds"]) and rep["stage_cpu_seconds"]["study"] > 0
+
+    # the tiny study: reused the demo's model and synthetic stores (no diffusion, no sampling of its own) ...
+    run_dir = out / "study" / "run"
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert Path(stages["sample:synthetic.zarr"]).resolve() == (out / "synthetic.zarr").resolve()
+    assert Path(stages["sample:synthetic-unguided.zarr"]).resolve() == (out / "synthetic-unguided.zarr").resolve()
+    assert "diffusion" not in stages and not (run_dir / "diffusion").exists() and not (run_dir / "synthetic.zarr").exists()
+    arms = ("real", "synthetic", "hybrid", "unguided", "random")
+    assert all(Path(stages[f"pretrain:{a}"]).is_dir() for a in arms)
+    assert Path(rep["outputs"]["encoder"]) == Path(stages["pretrain:real"])
+    # ... and wrote a report with its table, plots and the smoke-scale caveat
+    report = Path(rep["outputs"]["study_report"])
+    assert report == run_dir / "outputs" / "report.md"
+    text = report.read_text()
+    assert "Smoke-scale demonstration" in text and "not meaningful" in text and "real (reference)" in text
+    for plot in ("planted_auc.png", "planted_roc.png", "data_size.png"):
+        assert f"plots/{plot}" in text and (run_dir / "outputs" / "plots" / plot).stat().st_size > 1_000, plot
+    table = json.loads((run_dir / "outputs" / "table.json").read_text())
+    assert {r["encoder"] for r in table} == {*arms, "builtin"}
+    assert {r["task"] for r in table} == {"planted"} and {r["metric"] for r in table} >= {"auc", "balanced_accuracy"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in table if r["metric"] == "auc")
+    # the printout ends with the report's path and the headline table: one row per encoder
+    assert f"study report     {report}" in p.stdout and "not meaningful" in p.stdout
+    head = p.stdout.split("not meaningful")[-1]
+    assert "| encoder | planted auc | planted balanced_accuracy | planted f1_macro |" in head
+    for enc in (*arms[1:], "builtin"):
+        assert f"\n| {enc} | " in head, enc
+    assert "\n| real (reference) | " in head
+
+    err = run("demo", "-o", out, check_rc=2)
     assert "--overwrite" in err.stderr

@@ -315,9 +315,9 @@ def _pretrain(cfg: StudyConfig, rd: RunDir, arm: str, st: dict, cancel) -> Itera
 
 
 SMOKE_NOTE = ("**Smoke-scale demonstration.** The DINO encoders here saw {images} images ({steps} steps) each, of a few "
-              "hundred 32-px patches of one slide, and the tasks are a planted cohort of {n_slides} virtual slides made "
-              "of those patches and a patch probe on them: the numbers only show that the machinery runs end to end; "
-              "at this scale they are not meaningful and say nothing about real, synthetic or hybrid pretraining.")
+              "hundred 32-px patches of one slide (so they stay close to their common random initialisation), and "
+              "the tasks are {tasks}: the numbers only show that the machinery runs end to end; at this scale they "
+              "are not meaningful and say nothing about real, synthetic or hybrid pretraining.")
 
 DEMO_PRETRAIN = {"preset": "tiny", "epochs": 1, "images_per_epoch": 64, "workers": 0}
 
@@ -349,7 +349,7 @@ def write_demo_study(folder: str | Path, full: bool = True) -> Iterator[Progress
 def demo_study_config(folder: str | Path, real: str | Path, full: bool = True, pretrain: dict | None = None,
                       diffusion: dict | None = None, diffusion_model: str | Path | None = None,
                       synthetic: str | Path | None = None, synthetic_unguided: str | Path | None = None,
-                      guidance: float = 3.0, n_synthetic: int = 16) -> Iterator[Progress]:
+                      guidance: float = 3.0, n_synthetic: int = 16, probe: bool = True) -> Iterator[Progress]:
     """The tiny study's tasks and config in ``folder`` (a generator of progress returning ``folder/study.json``).
 
     ``real`` is a patch store of small patches (32 px at 1 µm/px in the demos); its built-in
@@ -360,7 +360,8 @@ def demo_study_config(folder: str | Path, real: str | Path, full: bool = True, p
       16 patients, 2 slides each, 16 patches a slide), the MIL task ``planted``;
     - per patch of ``cohort.zarr`` a ``labels`` array (1: the planted prototype, 0: another),
       which makes the same store a labelled patch set: the probe task ``planted-patches``
-      (linear and k-NN, grouped by virtual slide); its embeddings are shared with the MIL task;
+      (linear and k-NN, grouped by virtual slide; only when ``probe``); its embeddings are
+      shared with the MIL task;
     - ``study.json``: every arm (``full``) or only the random-initialised one, plus the
       built-in encoder; ``diffusion_model`` / ``synthetic`` / ``synthetic_unguided`` reuse
       what an earlier run made (``protodiff demo``) instead of training and sampling again.
@@ -403,12 +404,14 @@ def demo_study_config(folder: str | Path, real: str | Path, full: bool = True, p
         "pretrain": pretrain,
         "encoders": {"builtin": "builtin"},
         "tasks": [{"name": "planted", "kind": "mil", "cohort": "cohort/cohort.csv", "store": "cohort/cohort.zarr",
-                   "folds": 4, "epochs": 20},
-                  {"name": "planted-patches", "kind": "probe", "patches": "cohort/cohort.zarr", "folds": 4}],
+                   "folds": 4, "epochs": 20}]
+                 + ([{"name": "planted-patches", "kind": "probe", "patches": "cohort/cohort.zarr", "folds": 4}]
+                    if probe else []),
         "reference": "real" if full else "builtin",
         "n_boot": 200,
-        "notes": [SMOKE_NOTE.format(images=steps * pc.batch_size, steps=steps,
-                                    n_slides=n_patients * slides_per_patient)],
+        "notes": [SMOKE_NOTE.format(images=steps * pc.batch_size, steps=steps, tasks=f"a planted cohort of "
+                                    f"{n_patients * slides_per_patient} virtual slides made of those patches"
+                                    + (" and a patch probe on them" if probe else ""))],
     }
     path = out / "study.json"
     path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}, indent=2))
