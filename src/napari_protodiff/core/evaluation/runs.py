@@ -121,13 +121,15 @@ def fresh_outputs(rd: RunDir) -> None:
 
 
 @contextlib.contextmanager
-def running_fresh(rd: RunDir) -> Iterator[RunDir]:
-    """``rd.running()`` with an emptied ``outputs/``; a signal arriving while this is set up waits until the run
-    is marked running, so it always ends the run as ``cancelled``."""
+def running_fresh(rd: RunDir, fresh: bool = True) -> Iterator[RunDir]:
+    """``rd.running()`` with an emptied ``outputs/`` (unless ``fresh`` is false: a resumable study keeps them);
+    a signal arriving while this is set up waits until the run is marked running, so it always ends the run as
+    ``cancelled``."""
     with contextlib.ExitStack() as stack:
         with _signals_held():
             stack.enter_context(rd.running())
-            fresh_outputs(rd)
+            if fresh:
+                fresh_outputs(rd)
         yield rd
 
 

@@ -171,11 +171,11 @@ def run_study(config: StudyConfig, run_dir: str | Path, resume: bool = False,
     from .mil import MILConfig
     from .probe import ProbeConfig
     from .report import write_report
-    from .runs import evaluate_mil, evaluate_probe, tracked
+    from .runs import evaluate_mil, evaluate_probe, running_fresh, tracked
 
     cfg = config
     rd = RunDir.prepare(run_dir, "study", cfg.model_dump(), resume=resume)
-    with rd.running():
+    with running_fresh(rd, fresh=False):  # a signal while it is being marked running still ends it 'cancelled'
         encoders: dict[str, str] = {}
         sizes: dict[str, float] = {}
         synth_arms = [a for a in cfg.arms if a in ("synthetic", "hybrid", "unguided")]
