@@ -11,6 +11,15 @@ from napari_protodiff.data import SAMPLE_SLIDE
 DATA = Path(__file__).parent / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup`` (scripts/test.sh) each test folder runs on one worker, so its
+    session fixtures (a trained tiny model, planted cohorts) are built once; the demo is a group of its own."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        group = "demo" if "demo" in item.name and parts[0] == "cli" else parts[0]
+        item.add_marker(pytest.mark.xdist_group(name=group))
+
+
 @pytest.fixture(scope="session")
 def cmu_svs() -> Path:
     """Aperio SVS, 2220 x 2967 px at 0.499 µm/px, 240-px JPEG tiles, label/macro/thumbnail."""
