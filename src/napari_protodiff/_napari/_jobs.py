@@ -82,21 +82,13 @@ def prototypes_job(store: str, embed_config, proto_config, cancel):
 
 def avoid_llvm_clash() -> bool:
     """Keep torch from importing triton when the process already holds another LLVM (Mesa's software
-    OpenGL, ``libLLVM``, as under Xvfb or without a GPU driver): the two LLVMs' symbols clash and the
-    process dies with a segmentation fault as soon as diffusers imports ``torch._dynamo``. Triton only
-    compiles GPU kernels, which nothing here needs. Returns whether triton was blocked."""
+    OpenGL): see :mod:`napari_protodiff.core.llvm_guard`. Returns whether triton is blocked now."""
     import sys
 
-    if "triton" in sys.modules:
-        return False
-    try:
-        with open("/proc/self/maps") as f:
-            clash = "/libLLVM" in f.read()
-    except OSError:  # not Linux
-        return False
-    if clash:
-        sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` raises ImportError
-    return clash
+    from ..core.llvm_guard import install, llvm_loaded
+
+    install()
+    return "triton" not in sys.modules and llvm_loaded()
 
 
 def start(func, *args, **connect):

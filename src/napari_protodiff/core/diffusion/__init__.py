@@ -11,6 +11,9 @@ Submodules import torch and diffusers; this package itself imports nothing heavy
 
 from __future__ import annotations
 
+from ..llvm_guard import install as _install_llvm_guard
 from .config import DiffusionConfig, SampleConfig
 
 __all__ = ["DiffusionConfig", "SampleConfig"]
+
+_install_llvm_guard()  # diffusers imports torch._dynamo, which imports triton: not beside Mesa's LLVM
