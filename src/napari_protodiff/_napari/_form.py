@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                            QProgressBar, QPushButton, QSpinBox, QWidget)
 
 _INT_MAX = 2**31 - 1
 
@@ -105,3 +107,39 @@ class ModelForm(QWidget):
                 w.setCurrentText(str(v))
             else:
                 w.setValue(v)
+
+
+# -- rows every dock widget has ------------------------------------------------------------
+def path_row(layout, placeholder: str, on_pick) -> QLineEdit:
+    """A path field with a "…" browse button (calling ``on_pick``), added to ``layout``; returns the field."""
+    row = QHBoxLayout()
+    edit = QLineEdit()
+    edit.setPlaceholderText(placeholder)
+    browse = QPushButton("…")
+    browse.setMaximumWidth(32)
+    browse.clicked.connect(on_pick)
+    row.addWidget(edit, 1)
+    row.addWidget(browse)
+    layout.addLayout(row)
+    return edit
+
+
+def cancel_button(on_cancel, enabled: bool = False):
+    """The Cancel button of a widget's job (disabled until a job runs)."""
+    button = QPushButton("Cancel")
+    button.setEnabled(enabled)
+    button.clicked.connect(on_cancel)
+    return button
+
+
+def progress_and_status(layout):
+    """An idle progress bar and a selectable, wrapping status line, added to ``layout``."""
+    bar = QProgressBar()
+    bar.setRange(0, 1)
+    bar.setValue(0)
+    layout.addWidget(bar)
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    layout.addWidget(label)
+    return bar, label

@@ -31,8 +31,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
-    QLabel,
-    QProgressBar,
     QPushButton,
     QStackedWidget,
     QTableWidget,
@@ -46,6 +44,7 @@ from ..core.jobs import RunDir, find_runs
 from ._subprocess_job import MetricsTail, SubprocessJob, last_line
 from .jobs_forms import FORMS, command_of, path_row, pick_dir
 from .jobs_results import ResultsPanel
+from ._form import progress_and_status
 
 POLL_MS = 500
 RUNS_EVERY = 4  # polls between two updates of the runs list (the folder itself is scanned at job start and end)
@@ -181,14 +180,7 @@ class JobsWidget(QWidget):
         for b in (self.start_button, self.cancel_button, self.resume_button, self.watch_button, self.open_button):
             row.addWidget(b)
         root.addLayout(row)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        root.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        root.addWidget(self.status_label)
+        self.progress_bar, self.status_label = progress_and_status(root)
 
         self.tabs = QTabWidget()
         runs = QWidget()

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -33,7 +32,7 @@ from ..core.embedding import EmbedConfig
 from ..core.errors import ProtodiffError, validation_message
 from ..core.prototypes import PrototypeConfig
 from . import _jobs
-from ._form import ModelForm, Row
+from ._form import ModelForm, Row, cancel_button, path_row, progress_and_status
 from .overlays import OVERLAY_KEY, SlideFrame
 from .prototype_legend import PrototypeLegend
 from .prototype_layers import (
@@ -88,16 +87,8 @@ class PrototypesWidget(QWidget):
 
         box = QGroupBox("Patch store")
         lay = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.store_edit = QLineEdit()
-        self.store_edit.setPlaceholderText("a patch store folder, e.g. patches.zarr")
+        self.store_edit = path_row(lay, "a patch store folder, e.g. patches.zarr", self._pick_store)
         self.store_edit.editingFinished.connect(self.refresh_store)
-        browse = QPushButton("…")
-        browse.setMaximumWidth(32)
-        browse.clicked.connect(self._pick_store)
-        row.addWidget(self.store_edit, 1)
-        row.addWidget(browse)
-        lay.addLayout(row)
         form = QFormLayout()
         self.slide_combo = QComboBox()
         self.slide_combo.setToolTip("The slide to map the prototypes on (completely tiled slides of the store)")
@@ -150,21 +141,12 @@ class PrototypesWidget(QWidget):
         self.show_button = QPushButton("Show on slide")
         self.show_button.setToolTip("Map the store's existing prototypes on the chosen slide")
         self.show_button.clicked.connect(lambda: self.show_prototypes())
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button = cancel_button(self.cancel)
         row.addWidget(self.run_button, 1)
         row.addWidget(self.show_button)
         row.addWidget(self.cancel_button)
         lay.addLayout(row)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        lay.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        lay.addWidget(self.status_label)
+        self.progress_bar, self.status_label = progress_and_status(lay)
         root.addWidget(box)
 
         box = QGroupBox("Legend")

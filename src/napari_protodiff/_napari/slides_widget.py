@@ -22,8 +22,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -34,7 +32,7 @@ from ..core.slide import MPP_PLAUSIBLE, SUPPORTED_EXTENSIONS
 from ..core.tiling import TilingConfig
 from ..core.tissue import TissueParams
 from . import _jobs
-from ._form import ModelForm, Row
+from ._form import ModelForm, Row, cancel_button, path_row, progress_and_status
 from .overlays import OVERLAY_KEY, SlideFrame, apply_style
 from .reader import SLIDE_KEY, slide_layer_data
 
@@ -127,34 +125,17 @@ class SlidesWidget(QWidget):
 
         box = QGroupBox("Patch store")
         lay = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.store_edit = QLineEdit()
-        self.store_edit.setPlaceholderText("output folder, e.g. patches.zarr")
-        browse = QPushButton("…")
-        browse.setMaximumWidth(32)
-        browse.clicked.connect(self._pick_store)
-        row.addWidget(self.store_edit, 1)
-        row.addWidget(browse)
-        lay.addLayout(row)
+        self.store_edit = path_row(lay, "output folder, e.g. patches.zarr", self._pick_store)
         self.store_form = ModelForm(TilingConfig, {"overwrite": Row("Re-tile slides already in the store")})
         lay.addWidget(self.store_form)
         row = QHBoxLayout()
         self.tile_button = QPushButton("Tile into store")
         self.tile_button.clicked.connect(self.tile)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button = cancel_button(self.cancel)
         row.addWidget(self.tile_button, 1)
         row.addWidget(self.cancel_button)
         lay.addLayout(row)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        lay.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        lay.addWidget(self.status_label)
+        self.progress_bar, self.status_label = progress_and_status(lay)
         root.addWidget(box)
         root.addStretch(1)
 

@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -44,7 +43,7 @@ from qtpy.QtWidgets import (
 from ..core.diffusion.config import SampleConfig
 from ..core.errors import ProtodiffError, validation_message
 from . import _jobs
-from ._form import ModelForm, Row
+from ._form import ModelForm, Row, cancel_button, path_row, progress_and_status
 from .overlays import OVERLAY_KEY
 from .prototype_layers import PROTOTYPES, same_file
 from .prototype_legend import _swatch
@@ -93,16 +92,8 @@ class SynthesizeWidget(QWidget):
 
         box = QGroupBox("Model")
         lay = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText("a model folder made by protodiff train-diffusion")
+        self.model_edit = path_row(lay, "a model folder made by protodiff train-diffusion", self._pick_model)
         self.model_edit.editingFinished.connect(self.refresh_model)
-        browse = QPushButton("…")
-        browse.setMaximumWidth(32)
-        browse.clicked.connect(self._pick_model)
-        row.addWidget(self.model_edit, 1)
-        row.addWidget(browse)
-        lay.addLayout(row)
         self.model_label = QLabel("")
         self.model_label.setWordWrap(True)
         lay.addWidget(self.model_label)
@@ -167,20 +158,11 @@ class SynthesizeWidget(QWidget):
         row = QHBoxLayout()
         self.run_button = QPushButton("Synthesize")
         self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button = cancel_button(self.cancel)
         row.addWidget(self.run_button, 1)
         row.addWidget(self.cancel_button)
         lay.addLayout(row)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        lay.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        lay.addWidget(self.status_label)
+        self.progress_bar, self.status_label = progress_and_status(lay)
         root.addWidget(box)
         root.addStretch(1)
         self._on_mode()
