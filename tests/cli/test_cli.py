@@ -28,6 +28,15 @@ def test_help_and_version():
     assert "--mpp-override" in run("tile", "--help").stdout
 
 
+@pytest.mark.parametrize("args, says", [(["no-such-command"], "No such command 'no-such-command'"),
+                                        (["tile"], "Missing argument"),
+                                        (["tile", "x.svs", "--no-such-option"], "No such option: --no-such-option")])
+def test_usage_errors_exit_2_with_a_usage_line_not_a_traceback(args, says):
+    p = run(*args, check_rc=2)
+    assert says in p.stderr and "Usage: protodiff" in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+
+
 def test_console_script_is_installed():
     import shutil
 

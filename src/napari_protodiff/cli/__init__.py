@@ -7,6 +7,7 @@ sentence on stderr and exit with status 2; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -48,14 +49,53 @@ from . import diffusion as _diffusion  # noqa: E402,F401  (registers train-diffu
 from . import evaluate as _evaluate  # noqa: E402,F401  (registers evaluate probe, evaluate mil)
 
 
+def _forget_handled_interrupt() -> None:
+    """Clear CPython's "unhandled KeyboardInterrupt" flag after the CLI has handled one.
+
+    A KeyboardInterrupt raised inside code compiled from a string (``dataclasses`` and
+    ``namedtuple`` build methods with ``exec``) sets that process-wide flag even when the
+    exception is caught; under ``python -m`` (the Jobs widget, the tests) the interpreter then
+    kills itself with SIGINT as it exits, replacing our exit status 130. Evaluating any string
+    resets the flag (CPython's ``run_eval_code_obj``), so this is a no-op everywhere else.
+    """
+    exec("None", {})
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error class, wherever this typer takes click from (recent typer releases vendor it as
+    ``typer._click``; older releases use the ``click`` package): both are caught."""
+    classes: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``protodiff`` script."""
+    try:
+        return _main(argv)
+    finally:
+        _forget_handled_interrupt()
+
+
+def _main(argv: list[str] | None) -> int:
     from ..core.errors import Cancelled, ProtodiffError
+    from ..core.interrupts import noting_sigint, signal_received
 
     try:
         # Not standalone: exit codes come back as the return value (typer turns Ctrl-C
         # into Exit(130), a command's ``raise typer.Exit(n)`` into n).
-        rv = app(args=argv, prog_name="protodiff", standalone_mode=False)
+        with noting_sigint():
+            try:
+                rv = app(args=argv, prog_name="protodiff", standalone_mode=False)
+            except Exception as exc:
+                if signal_received() and not isinstance(exc, (ProtodiffError, typer.Exit, typer.Abort, *_usage_errors())):
+                    # Ctrl-C broke whatever was running (Python reports an interrupted import as ImportError)
+                    raise KeyboardInterrupt from exc
+                raise
     except ProtodiffError as exc:
         if os.environ.get("PROTODIFF_DEBUG"):
             raise
@@ -68,13 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Abort:
         return 1
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except _usage_errors() as exc:  # unknown command, missing argument, bad option value
+        exc.show()
+        return exc.exit_code
     if rv == 130:  # Ctrl-C
         typer.echo("protodiff: interrupted; run the same command again to resume.", err=True)
     return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0

@@ -54,7 +54,8 @@ def probe(
 ) -> None:
     """Linear probe and k-NN on frozen features: balanced accuracy, macro-F1, AUC with 95% CIs."""
     from ..core.evaluation.probe import ProbeConfig
-    from ..core.evaluation.runs import cancel_on_signals, evaluate_probe
+    from ..core.evaluation.runs import evaluate_probe
+    from ..core.interrupts import cancel_on_signals
 
     cfg = _config(ProbeConfig, encoder=encoder, weights=weights, arch=arch, device=device, folds=folds, k=k,
                   n_boot=n_boot, seed=seed)
@@ -92,7 +93,8 @@ def mil(
 ) -> None:
     """Gated-attention MIL with patient-grouped cross-validation: AUC/balanced accuracy/F1 or C-index with 95% CIs."""
     from ..core.evaluation.mil import MILConfig
-    from ..core.evaluation.runs import cancel_on_signals, evaluate_mil
+    from ..core.evaluation.runs import evaluate_mil
+    from ..core.interrupts import cancel_on_signals
 
     cfg = _config(MILConfig, task=task, loss=loss, folds=folds, epochs=epochs, lr=lr, n_boot=n_boot, seed=seed,
                   device="auto" if device == "auto" else device)
@@ -127,7 +129,7 @@ def study(
     """The data-efficiency study: pretrain encoders on real, synthetic, hybrid, unguided patches (and a random
     baseline), evaluate them and any user-supplied encoders on the same tasks, and write a report."""
     from ..core.errors import ProtodiffError
-    from ..core.evaluation.runs import cancel_on_signals
+    from ..core.interrupts import cancel_on_signals
     from ..core.evaluation.study import load_study_config, run_study, write_demo_study
 
     with cancel_on_signals():  # SIGTERM / Ctrl-C: the study (and its current stage) ends "cancelled"

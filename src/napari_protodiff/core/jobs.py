@@ -288,6 +288,14 @@ class RunDir:
             self.log("cancelled")
             raise
         except BaseException as exc:
+            from .interrupts import signal_received
+
+            if signal_received() and not isinstance(exc, SystemExit):
+                # a signal broke whatever was running (Python turns Ctrl-C during a C extension's import into
+                # ImportError): the user stopped the job, it did not fail
+                self.set_status("cancelled", message=f"cancelled ({type(exc).__name__} after the signal)")
+                self.log("cancelled")
+                raise
             msg = str(exc) if isinstance(exc, ProtodiffError) else f"{type(exc).__name__}: {exc}"
             self.set_status("failed", message="failed", error=msg)
             self.log(f"failed: {msg}")

@@ -13,7 +13,7 @@ says ``failed`` with its one-sentence error (see :mod:`napari_protodiff.core.job
 
 Outputs are written into ``outputs.partial/`` and put in place of ``outputs/`` only when
 complete (a run that starts again empties ``outputs/`` first), so ``outputs/`` is either
-empty or one attempt's complete set. Under :func:`cancel_on_signals` (the CLI's
+empty or one attempt's complete set. Under :func:`~napari_protodiff.core.interrupts.cancel_on_signals` (the CLI's
 evaluations and studies) SIGTERM ends a run like Ctrl-C: state ``cancelled``, exit 130.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import Cancelled
+from ..interrupts import signals_held
 from ..jobs import RunDir, atomic_write_json
 from ..progress import CancelToken, Progress
 from .mil import MILConfig, MILResult, cross_validate
@@ -44,77 +44,9 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: the job ends like Ctrl-C (a BaseException, so no ``except Exception`` swallows it)."""
-
-
-# Signals that arrived while held (see _signals_held); the handlers below run in the main thread.
-_HOLD = {"depth": 0, "pending": None}
-
-
-def _interrupt(signum: int) -> KeyboardInterrupt:
-    import signal
-
-    return Terminated("cancelled (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-@contextlib.contextmanager
-def cancel_on_signals() -> Iterator[None]:
-    """While inside, SIGTERM (the Jobs widget's Cancel, a scheduler's stop) raises :class:`Terminated` and
-    SIGINT raises KeyboardInterrupt, so a run directory's ``running()`` marks the job ``cancelled``; leaving,
-    either becomes :class:`~napari_protodiff.core.errors.Cancelled` (the CLI: one sentence, exit 130).
-
-    The first SIGTERM is the only one acted on (later ones are ignored, so the clean-up that
-    follows is not interrupted). Installed only in the main thread; elsewhere a no-op.
-    A stage that handles SIGTERM itself (pretraining stops after its current step) replaces
-    the handler while it runs and restores it after.
-    """
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
-        yield
-        return
-
-    def on_signal(signum, frame):
-        if signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if _HOLD["depth"]:  # inside a few file operations that belong together: raised when they are done
-            _HOLD["pending"] = _HOLD["pending"] or signum
-            return
-        raise _interrupt(signum)
-
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    try:
-        yield
-    except KeyboardInterrupt as exc:  # the run is marked cancelled by now; say so in one sentence (exit 130)
-        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        raise Cancelled(f"Cancelled ({how}); the same command with --resume starts it again.") from None
-    finally:
-        _HOLD["pending"] = None
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGTERM and SIGINT (under :func:`cancel_on_signals`) held back around a few file operations that belong
-    together, and raised when they are done. (A flag, not a blocked signal mask: the kernel may hand a
-    process's signal to any thread, e.g. a BLAS worker, and Python runs the handler in the main thread.)"""
-    _HOLD["depth"] += 1
-    try:
-        yield
-    finally:
-        _HOLD["depth"] -= 1
-    if _HOLD["depth"] == 0 and _HOLD["pending"] is not None:
-        signum, _HOLD["pending"] = _HOLD["pending"], None
-        raise _interrupt(signum)
-
-
 def fresh_outputs(rd: RunDir) -> None:
     """Empty ``outputs/`` (and any stale ``outputs.partial/``) as a run (re)starts."""
-    with _signals_held():
+    with signals_held():
         for p in (rd.outputs, rd.path / "outputs.partial"):
             shutil.rmtree(p, ignore_errors=True)
         rd.outputs.mkdir(exist_ok=True)
@@ -126,7 +58,7 @@ def running_fresh(rd: RunDir, fresh: bool = True) -> Iterator[RunDir]:
     a signal arriving while this is set up waits until the run is marked running, so it always ends the run as
     ``cancelled``."""
     with contextlib.ExitStack() as stack:
-        with _signals_held():
+        with signals_held():
             stack.enter_context(rd.running())
             if fresh:
                 fresh_outputs(rd)
@@ -145,7 +77,7 @@ def staged_outputs(rd: RunDir, **finished: Any) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    with _signals_held():
+    with signals_held():
         shutil.rmtree(rd.outputs, ignore_errors=True)
         stage.rename(rd.outputs)
         rd.set_status("finished", **{"message": "finished", **finished})
