@@ -124,6 +124,17 @@ def test_samples_with_metadata_and_the_core_apis_pixels(widget, tiny, qtbot, not
     w.set_mode("mixture")
     _run(w, qtbot, n=2, steps=2, seed=0, guidance=1.0)
     assert w.layers[0].metadata["prototype"] == [-1, -1] and w.layers[0].metadata["prototypes"] == "0:0.5,1:0.5"
+    # Weighted mixture: the table's weights (shown in mixture mode only), normalised; the core API's pixels.
+    assert not w.proto_table.isColumnHidden(3)
+    w.set_weights({0: 3.0, 1: 1.0})
+    w.layout_combo.setCurrentText("stack")
+    _run(w, qtbot, n=2, steps=2, seed=0, guidance=1.0)
+    md = w.layers[0].metadata
+    assert md["prototypes"] == "0:0.75,1:0.25" and md["prototype"] == [-1, -1]
+    images, _ = drain(sample_images(str(model), SampleConfig(**md["sample_config"])))
+    assert np.array_equal(w.layers[0].data, images)
+    w.set_mode("one")
+    assert w.proto_table.isColumnHidden(3)
     assert not _errors(notes)
 
 
@@ -247,6 +258,11 @@ def test_bad_input_is_one_sentence_and_no_layer(widget, tiny, qtbot, tmp_path, n
 
     w.set_mode("mixture")
     w.set_checked([0, 1])
+    w.set_weights({0: 0.0, 1: 0.0})
+    w.run()
+    assert not w.busy and _errors(notes)[-1] == ("The mixture's weights are all zero: give at least one ticked "
+                                                 "prototype a weight.")
+    w.set_weights({0: 1.0, 1: 1.0})
     w.cfg_check.setEnabled(True)  # a model without --cfg: the core refuses classifier-free guidance
     w.cfg_check.setChecked(True)
     _run(w, qtbot, n=2, steps=2)

@@ -69,8 +69,9 @@ def model_info(model_dir: str | Path) -> ModelInfo:
                      patch_mpp=float(meta.get("patch_mpp") or 1.0), model_hash=str(meta.get("model_hash")))
 
 
-def prototype_spec(mode: str, checked: list[int]) -> str:
-    """``SampleConfig.prototypes`` for a mode (``one``, ``mixture``, ``balanced``) and the ticked prototypes."""
+def prototype_spec(mode: str, checked: list[int], weights: dict[int, float] | None = None) -> str:
+    """``SampleConfig.prototypes`` for a mode (``one``, ``mixture``, ``balanced``), the ticked prototypes and
+    (for a mixture) their relative weights (default: equal), normalised to sum to 1."""
     from ..core.errors import ProtodiffError
 
     if mode == "balanced":
@@ -78,7 +79,11 @@ def prototype_spec(mode: str, checked: list[int]) -> str:
     if not checked:
         raise ProtodiffError("Tick at least one prototype (or choose the balanced mode).")
     if mode == "mixture":
-        return ",".join(f"{j}:{1 / len(checked):.6g}" for j in checked)
+        w = {j: float((weights or {}).get(j, 1.0)) for j in checked}
+        total = sum(w.values())
+        if not total > 0:
+            raise ProtodiffError("The mixture's weights are all zero: give at least one ticked prototype a weight.")
+        return ",".join(f"{j}:{w[j] / total:.6g}" for j in checked if w[j] > 0)
     return ",".join(str(j) for j in checked)
 
 

@@ -58,7 +58,7 @@ SAMPLE_ROWS = {
 }
 #: Prototype modes: label shown -> key.
 MODES = {"one prototype per patch (cycle over the ticked)": "one",
-         "mixture of the ticked (equal weights)": "mixture",
+         "mixture of the ticked (weights in the table)": "mixture",
          "balanced over all prototypes": "balanced"}
 
 
@@ -106,14 +106,14 @@ class SynthesizeWidget(QWidget):
             self.mode_combo.addItem(label, key)
         self.mode_combo.currentIndexChanged.connect(self._on_mode)
         lay.addWidget(self.mode_combo)
-        self.proto_table = QTableWidget(0, 3)
-        self.proto_table.setHorizontalHeaderLabels(("Prototype", "Training patches", "Share"))
+        self.proto_table = QTableWidget(0, 4)
+        self.proto_table.setHorizontalHeaderLabels(("Prototype", "Training patches", "Share", "Weight"))
         self.proto_table.verticalHeader().setVisible(False)
         self.proto_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.proto_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         header = self.proto_table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for c in (1, 2):
+        for c in (1, 2, 3):
             header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
         self.proto_table.setMinimumHeight(80)
         self.proto_table.setMaximumHeight(260)
@@ -217,6 +217,14 @@ class SynthesizeWidget(QWidget):
                 it = QTableWidgetItem(text)
                 it.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.proto_table.setItem(j, c, it)
+            spin = QDoubleSpinBox()
+            spin.setRange(0.0, 1000.0)
+            spin.setDecimals(2)
+            spin.setSingleStep(0.1)
+            spin.setValue(1.0)
+            spin.setToolTip("Relative weight of this prototype in the mixture (normalised over the ticked ones)")
+            self.proto_table.setCellWidget(j, 3, spin)
+        self._on_mode()
         rows = sum(self.proto_table.rowHeight(j) for j in range(min(info.k, 8)))
         self.proto_table.setFixedHeight(min(260, max(80, rows + self.proto_table.horizontalHeader().height() + 6)))
 
@@ -235,6 +243,17 @@ class SynthesizeWidget(QWidget):
 
     def _on_mode(self, *_: Any) -> None:
         self.proto_table.setEnabled(self.mode != "balanced")
+        self.proto_table.setColumnHidden(3, self.mode != "mixture")
+
+    @property
+    def weights(self) -> dict[int, float]:
+        """The mixture weight of every prototype (as typed: not normalised)."""
+        return {j: self.proto_table.cellWidget(j, 3).value() for j in range(self.proto_table.rowCount())}
+
+    def set_weights(self, weights: dict[int, float]) -> None:
+        """Set the mixture weights of these prototypes (the others keep theirs)."""
+        for j, w in weights.items():
+            self.proto_table.cellWidget(int(j), 3).setValue(float(w))
 
     @property
     def checked(self) -> list[int]:
@@ -275,7 +294,7 @@ class SynthesizeWidget(QWidget):
         if self.info is None:
             raise ProtodiffError(self.model_label.text() or "Choose a model folder first (made by train-diffusion).")
         values = self.form.values()
-        values["prototypes"] = prototype_spec(self.mode, self.checked)
+        values["prototypes"] = prototype_spec(self.mode, self.checked, self.weights)
         if self.cfg_check.isChecked():
             values["cfg_scale"] = self.cfg_spin.value()
         return SampleConfig(**values, batch_size=max(1, int(values["n"])))
