@@ -80,6 +80,9 @@ def test_cli_sampling_errors(tiny_model, tiny_pipe, tmp_path, capsys):
     assert "classifier-free" in _one_line_error(capsys, ["sample", model, "-n", "2", "--cfg-scale", "2", "-o", out])
     with pytest.raises(SamplingError):
         tiny_pipe(prototypes=0, num_images=0, guidance_scale=1.0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(SamplingError, match="clip of the guided clean latent"):
+            tiny_pipe(prototypes=0, num_images=1, guidance_scale=1.0, guidance_x0_clip=bad)
 
 
 def test_store_without_prototypes(tmp_path, he_png, capsys):

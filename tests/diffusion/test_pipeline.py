@@ -48,6 +48,39 @@ def test_same_seed_same_images_and_reload(tiny_pipe, tmp_path):
     assert calls == []
 
 
+@pytest.mark.parametrize("v_pred", [False, True])
+def test_clip_x0_clips_the_predicted_clean_latent_only(v_pred):
+    """The guided model output is moved so that its clean latent is clipped, and nowhere else."""
+    g = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(3, 4, 8, 8, generator=g), 3 * torch.randn(3, 4, 8, 8, generator=g)
+    for abar in (torch.tensor(0.004), torch.tensor(0.5), torch.tensor(0.999)):
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        x0_of = (lambda o: a * x_t - b * o) if v_pred else (lambda o: (x_t - b * o) / a)
+        x0 = x0_of(out)
+        assert (x0.abs() > 2).any() and (x0.abs() < 2).any()
+        new = PrototypeGuidedPipeline._clip_x0(out, x_t, abar, 2.0, v_pred)
+        assert torch.allclose(x0_of(new), x0.clamp(-2, 2), atol=1e-4)
+        inside = x0.abs() <= 2
+        assert torch.equal(new[inside], out[inside])
+
+
+@pytest.mark.slow
+def test_strong_guidance_stays_in_the_latent_range(tiny_pipe):
+    """Guided DDPM ends on the clipped clean latent: within [-3, 3] even at the largest scale (not without the clip)."""
+    before = tiny_pipe.scheduler
+    tiny_pipe.set_scheduler("ddpm")
+    try:
+        def run(**kw):
+            return tiny_pipe(prototypes="balanced", num_images=4, generator=_gens([1, 2, 3, 4]), num_inference_steps=8,
+                             output_type="latent", **kw).images
+        clipped, plain = run(guidance_scale=1000.0), run(guidance_scale=1000.0, guidance_x0_clip=None)
+        assert clipped.abs().max() <= 3.0 + 1e-3
+        assert plain.abs().max() > 3.5
+        assert torch.equal(run(guidance_scale=0.0), run(guidance_scale=0.0, guidance_x0_clip=None))
+    finally:
+        tiny_pipe.scheduler = before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddpm", "dpm++", "ddim"])
 def test_schedulers_and_mixture(tiny_pipe, name):

@@ -8,7 +8,14 @@ classifier guidance scale ``s`` and target weights ``w`` over prototypes::
     eps_hat = eps - s * sqrt(1 - alphabar_t) * grad_x log sum_y w_y p(y | x_t)
 
 (one prototype: ``w`` one-hot, i.e. ``grad log p(y | x_t)``; a mixture: any weights).
-The gradient is ``torch.autograd.grad`` of the classifier's ``log_softmax`` with respect
+Guided steps then keep the clean latent they predict, ``x0_hat = (x_t - sqrt(1 - alphabar_t)
+eps_hat) / sqrt(alphabar_t)``, within ``[-c, c]`` (``guidance_x0_clip``, default 3: the latents
+are scaled to unit variance, so 3 standard deviations, beyond nearly all real latents) and
+step with the ``eps_hat`` of the clipped ``x0_hat``: at high noise the classifier term
+otherwise shifts ``x0_hat`` by about ``s`` times the distance between prototypes, far out of
+the latent range, where the decoder makes artefacts that look like another prototype
+(docs/diffusion.md, "Robustness across training seeds"). ``guidance_x0_clip=None`` is the
+formula alone. The gradient is ``torch.autograd.grad`` of the classifier's ``log_softmax`` with respect
 to the latents; the UNet itself runs without autograd. ``guidance_scale=0`` is plain
 unguided sampling, the same loop as diffusers' ``DDIMPipeline``. A UNet trained with
 prototype ids (``num_class_embeds``) also allows classifier-free guidance
@@ -139,6 +146,18 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
             (grad,) = torch.autograd.grad(sel, x)
         return grad
 
+    @staticmethod
+    def _clip_x0(out: torch.Tensor, latents: torch.Tensor, abar: torch.Tensor, c: float, v_pred: bool) -> torch.Tensor:
+        """The model output whose predicted clean latent is that of ``out`` clipped to [-c, c].
+
+        With ``x_t = a x0 + b eps`` (a = sqrt(alphabar), b = sqrt(1 - alphabar)), moving ``x0``
+        by ``-d`` at fixed ``x_t`` moves ``eps`` by ``+a d / b`` and ``v = a eps - b x0`` by ``+d / b``.
+        """
+        a, b = abar.sqrt().to(out.dtype), (1 - abar).sqrt().to(out.dtype)
+        x0 = a * latents - b * out if v_pred else (latents - b * out) / a
+        d = x0 - x0.clamp(-c, c)
+        return out + d / b if v_pred else out + d * (a / b)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -149,6 +168,7 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         cfg_scale: float | None = None,
+        guidance_x0_clip: float | None = 3.0,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[["PrototypeGuidedPipeline", int, Any, dict], dict | None] | None = None,
@@ -161,6 +181,8 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
             raise SamplingError(f"The guidance scale must lie between 0 and 1000, not {guidance_scale}.")
         if num_inference_steps < 1:
             raise SamplingError(f"The number of steps must be at least 1, not {num_inference_steps}.")
+        if guidance_x0_clip is not None and not guidance_x0_clip > 0:
+            raise SamplingError(f"The clip of the guided clean latent must be positive or None, not {guidance_x0_clip}.")
         k = self.num_prototypes
         guided = guidance_scale > 0
         if guided and self.classifier is None:
@@ -213,6 +235,8 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
                 abar = alphas[t]
                 coef = guidance_scale * (1 - abar).sqrt() / (abar.sqrt() if v_pred else 1.0)
                 out = out.sub_(grad.to(out.dtype), alpha=float(coef))
+                if guidance_x0_clip is not None:
+                    out = self._clip_x0(out, latents, abar, float(guidance_x0_clip), v_pred)
             latents = self.scheduler.step(out, t, latents, generator=generator).prev_sample
             if callback_on_step_end is not None:
                 scope = locals()
