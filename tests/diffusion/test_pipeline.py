@@ -58,7 +58,7 @@ def test_clip_x0_clips_the_predicted_clean_latent_only(v_pred):
         x0_of = (lambda o: a * x_t - b * o) if v_pred else (lambda o: (x_t - b * o) / a)
         x0 = x0_of(out)
         assert (x0.abs() > 2).any() and (x0.abs() < 2).any()
-        new = PrototypeGuidedPipeline._clip_x0(out, x_t, abar, 2.0, v_pred)
+        new = PrototypeGuidedPipeline._clip_x0(out.clone(), x_t, float(abar), 2.0, v_pred)
         assert torch.allclose(x0_of(new), x0.clamp(-2, 2), atol=1e-4)
         inside = x0.abs() <= 2
         assert torch.equal(new[inside], out[inside])

@@ -147,16 +147,20 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
         return grad
 
     @staticmethod
-    def _clip_x0(out: torch.Tensor, latents: torch.Tensor, abar: torch.Tensor, c: float, v_pred: bool) -> torch.Tensor:
+    def _clip_x0(out: torch.Tensor, latents: torch.Tensor, abar: float, c: float, v_pred: bool) -> torch.Tensor:
         """The model output whose predicted clean latent is that of ``out`` clipped to [-c, c].
 
         With ``x_t = a x0 + b eps`` (a = sqrt(alphabar), b = sqrt(1 - alphabar)), moving ``x0``
         by ``-d`` at fixed ``x_t`` moves ``eps`` by ``+a d / b`` and ``v = a eps - b x0`` by ``+d / b``.
+        Computed on ``y = a x0`` (``x_t - b eps``, or ``a (a x_t - b v)``), four element-wise ops.
         """
-        a, b = abar.sqrt().to(out.dtype), (1 - abar).sqrt().to(out.dtype)
-        x0 = a * latents - b * out if v_pred else (latents - b * out) / a
-        d = x0 - x0.clamp(-c, c)
-        return out + d / b if v_pred else out + d * (a / b)
+        a, b = abar ** 0.5, (1.0 - abar) ** 0.5
+        if v_pred:
+            y = torch.add(latents, out, alpha=-b / a).mul_(a * a)
+        else:
+            y = torch.add(latents, out, alpha=-b)
+        d = y - y.clamp(-c * a, c * a)  # a times the clipped part of x0
+        return out.add_(d, alpha=(1.0 / (a * b)) if v_pred else (1.0 / b))
 
     @torch.no_grad()
     def __call__(
@@ -236,7 +240,7 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
                 coef = guidance_scale * (1 - abar).sqrt() / (abar.sqrt() if v_pred else 1.0)
                 out = out.sub_(grad.to(out.dtype), alpha=float(coef))
                 if guidance_x0_clip is not None:
-                    out = self._clip_x0(out, latents, abar, float(guidance_x0_clip), v_pred)
+                    out = self._clip_x0(out, latents, float(abar), float(guidance_x0_clip), v_pred)
             latents = self.scheduler.step(out, t, latents, generator=generator).prev_sample
             if callback_on_step_end is not None:
                 scope = locals()
