@@ -6,9 +6,11 @@ In one run, with the *same* UNet, scheduler (DDIM) and number of steps:
   output_type="np")`` - the stock unguided loop;
 * ``protodiff-unguided``: ``PrototypeGuidedPipeline(...)(guidance_scale=0, output_type="latent")``;
 * ``protodiff-guided``: the same with classifier guidance (scale 3, balanced prototypes): one
-  extra forward + backward of the noise-aware classifier per step, and the clip of the
+  extra forward + backward of the noise-aware classifier per guided step (t / T >= 0.4), and the clip of the
   guided clean latent;
 * ``protodiff-guided-noclip``: the same without that clip (``guidance_x0_clip=None``).
+* ``protodiff-guided-every-step``: the same with guidance at every step (``guidance_min_t=0``;
+  by default only the steps with t / T >= 0.4 are guided).
 
 Both pipelines stop at the latents (the stock pipeline has no autoencoder), so the comparison
 is the denoising loop; the autoencoder's decode is timed on its own. Contenders run
@@ -104,6 +106,9 @@ def main(argv=None) -> int:
         "protodiff-guided-noclip": lambda: pipe(prototypes="balanced", num_images=b, guidance_scale=args.guidance,
                                                 num_inference_steps=k, generator=gens(), output_type="latent",
                                                 guidance_x0_clip=None),
+        "protodiff-guided-every-step": lambda: pipe(prototypes="balanced", num_images=b, guidance_scale=args.guidance,
+                                                    num_inference_steps=k, generator=gens(), output_type="latent",
+                                                    guidance_min_t=0.0),
     }
     times: dict[str, list[float]] = {n: [] for n in runs}
     for fn in runs.values():  # warm-up
@@ -135,6 +140,7 @@ def main(argv=None) -> int:
         "ratio_unguided_vs_diffusers": round(med["protodiff-unguided"] / med["diffusers-ddim"], 3),
         "ratio_guided_vs_unguided": round(med["protodiff-guided"] / med["protodiff-unguided"], 3),
         "ratio_guided_noclip_vs_unguided": round(med["protodiff-guided-noclip"] / med["protodiff-unguided"], 3),
+        "ratio_guided_every_step_vs_unguided": round(med["protodiff-guided-every-step"] / med["protodiff-unguided"], 3),
         "decode_seconds_per_batch": round(t_dec, 4), "repeats": args.repeats,
         "all_seconds": {n: [round(x, 4) for x in v] for n, v in times.items()},
     }
@@ -149,6 +155,8 @@ def main(argv=None) -> int:
           f"{b / med['protodiff-guided']:.1f} | {res['ratio_guided_vs_unguided']:.3f} x unguided |")
     print(f"| protodiff guided, no x0 clip | {med['protodiff-guided-noclip']:.3f} | "
           f"{b / med['protodiff-guided-noclip']:.1f} | {res['ratio_guided_noclip_vs_unguided']:.3f} x unguided |")
+    print(f"| protodiff guided, every step | {med['protodiff-guided-every-step']:.3f} | "
+          f"{b / med['protodiff-guided-every-step']:.1f} | {res['ratio_guided_every_step_vs_unguided']:.3f} x unguided |")
     print(f"autoencoder decode: {t_dec:.3f} s / batch")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=2))

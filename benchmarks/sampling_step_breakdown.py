@@ -52,7 +52,9 @@ def main() -> None:
         ms[f.__name__] = statistics.median(ts) * 1e3
     print(f"{torch.get_num_threads()} threads, batch {b}, latents {c} x {s} x {s}: "
           + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
-          + f"; guided step / unguided step = {(ms['unet'] + ms['gradient']) / ms['unet']:.3f}")
+          + f"; guided step / unguided step = {(ms['unet'] + ms['gradient']) / ms['unet']:.3f}"
+          + f"; guided run / unguided run (50 DDIM steps, 30 of them at t / T >= 0.4, the default) = "
+          + f"{(50 * ms['unet'] + 30 * ms['gradient']) / (50 * ms['unet']):.3f}")
 
 
 if __name__ == "__main__":

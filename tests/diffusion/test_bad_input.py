@@ -83,6 +83,11 @@ def test_cli_sampling_errors(tiny_model, tiny_pipe, tmp_path, capsys):
     for bad in (0.0, -1.0):
         with pytest.raises(SamplingError, match="clip of the guided clean latent"):
             tiny_pipe(prototypes=0, num_images=1, guidance_scale=1.0, guidance_x0_clip=bad)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(SamplingError, match="lowest noise level that is guided"):
+            tiny_pipe(prototypes=0, num_images=1, guidance_scale=1.0, guidance_min_t=bad)
+    err = _one_line_error(capsys, ["sample", model, "-n", "2", "--guidance-min-t", "1", "-o", out])
+    assert "guidance_min_t" in err or "less than 1" in err, err
 
 
 def test_store_without_prototypes(tmp_path, he_png, capsys):

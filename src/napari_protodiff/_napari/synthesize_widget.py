@@ -51,6 +51,7 @@ from .synthesis_layers import LAYOUTS, ModelInfo, model_info, prototype_spec, sy
 
 SAMPLE_ROWS = {
     "guidance": Row("Guidance scale", decimals=2, step=0.5, maximum=1000),
+    "guidance_min_t": Row("Guide while t/T >=", decimals=2, step=0.1),
     "scheduler": Row("Scheduler"),
     "steps": Row("Steps"),
     "n": Row("Count"),

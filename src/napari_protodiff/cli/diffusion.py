@@ -91,6 +91,8 @@ def sample(
     output: Path = typer.Option(..., "-o", "--output", help="Synthetic patch store (.zarr) to create or append to."),
     prototypes: str = typer.Option("balanced", "--prototypes", help="all | balanced | 3,5 | 3:0.7,5:0.3"),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-guidance scale (0: unguided)."),
+    guidance_min_t: float = typer.Option(0.4, "--guidance-min-t",
+                                         help="Guide only at noise levels t/T of at least this (0: every step)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (a --cfg model)."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps."),
     scheduler: str = typer.Option("ddim", "--scheduler", help="ddim, ddpm or dpm++."),
@@ -110,7 +112,8 @@ def sample(
         raise SamplingError(f"The number of samples (-n) must be at least 1, not {n}.")
     _threads(threads)
     try:
-        cfg = SampleConfig(n=n, prototypes=prototypes, guidance=guidance, cfg_scale=cfg_scale, steps=steps,
+        cfg = SampleConfig(n=n, prototypes=prototypes, guidance=guidance, guidance_min_t=guidance_min_t,
+                           cfg_scale=cfg_scale, steps=steps,
                            scheduler=scheduler, seed=seed, batch_size=batch_size, device=device)
     except ValueError as exc:
         raise _config_error(exc) from None
