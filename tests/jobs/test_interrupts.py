@@ -58,17 +58,21 @@ def test_cli_main_forgets_handled_interrupts_on_every_exit(argv, monkeypatch):
     assert calls == [1]
 
 
+def _interrupted_import(**kwargs):
+    """Ctrl-C while a C extension initialises, as pybind11 and Cython report it: ImportError."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed") from None
+
+
 def test_error_after_a_signal_is_a_cancellation_not_a_failure(tmp_path):  # evaluations, studies
-    # pybind11 and Cython turn a KeyboardInterrupt raised while a C extension initialises into ImportError
     rd = RunDir.prepare(tmp_path / "run", "test", {})
     with pytest.raises(Cancelled, match=r"Cancelled \(Ctrl-C\)"):
         with cancel_on_signals(), rd.running():
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(10_000):
-                    pass
-            except KeyboardInterrupt:
-                raise ImportError("initialization failed") from None
+            _interrupted_import()
     assert RunDir.open(tmp_path / "run").state == "cancelled"
     assert signal_received() is None  # forgotten once the command is over
 
@@ -79,15 +83,6 @@ def test_error_without_a_signal_still_fails(tmp_path):
         with cancel_on_signals(), rd.running():
             raise ImportError("initialization failed")
     assert RunDir.open(tmp_path / "run").state == "failed"
-
-
-def _interrupted_import(**kwargs):
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(10_000):
-            pass
-    except KeyboardInterrupt:
-        raise ImportError("initialization failed") from None
 
 
 def test_cli_reports_an_import_broken_by_ctrl_c_as_an_interruption(monkeypatch, capsys):
