@@ -7,6 +7,7 @@ sentence on stderr and exit with status 2; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -61,6 +62,7 @@ def _forget_handled_interrupt() -> None:
     exec("None", {})
 
 
+@functools.cache
 def _usage_errors() -> tuple[type[Exception], ...]:
     """Click's usage-error class, wherever this typer takes click from (recent typer releases vendor it as
     ``typer._click``; older releases use the ``click`` package): both are caught."""
@@ -83,27 +85,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from ..core.errors import Cancelled, ProtodiffError
-    from ..core.interrupts import noting_sigint, signal_received
+    from ..core.interrupts import noting_sigint
 
     try:
         # Not standalone: exit codes come back as the return value (typer turns Ctrl-C
         # into Exit(130), a command's ``raise typer.Exit(n)`` into n).
         with noting_sigint():
-            try:
-                rv = app(args=argv, prog_name="protodiff", standalone_mode=False)
-            except Exception as exc:
-                if signal_received() and not isinstance(exc, (ProtodiffError, typer.Exit, typer.Abort, *_usage_errors())):
-                    # Ctrl-C broke whatever was running (Python reports an interrupted import as ImportError)
-                    raise KeyboardInterrupt from exc
-                raise
+            rv = app(args=argv, prog_name="protodiff", standalone_mode=False)
     except ProtodiffError as exc:
         if os.environ.get("PROTODIFF_DEBUG"):
             raise
         typer.echo(f"protodiff: error: {exc}", err=True)
         return 130 if isinstance(exc, Cancelled) else 2
     except KeyboardInterrupt:
-        typer.echo("protodiff: interrupted; run the same command again to resume.", err=True)
-        return 130
+        rv = 130
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -111,7 +106,7 @@ def _main(argv: list[str] | None) -> int:
     except _usage_errors() as exc:  # unknown command, missing argument, bad option value
         exc.show()
         return exc.exit_code
-    if rv == 130:  # Ctrl-C
+    if rv == 130:  # Ctrl-C (typer returns it as Exit(130); noting_sigint lets others through as KeyboardInterrupt)
         typer.echo("protodiff: interrupted; run the same command again to resume.", err=True)
     return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 

@@ -91,7 +91,7 @@ def sample(
     output: Path = typer.Option(..., "-o", "--output", help="Synthetic patch store (.zarr) to create or append to."),
     prototypes: str = typer.Option("balanced", "--prototypes", help="all | balanced | 3,5 | 3:0.7,5:0.3"),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-guidance scale (0: unguided)."),
-    guidance_min_t: float = typer.Option(0.4, "--guidance-min-t",
+    guidance_min_t: float = typer.Option(0.4, "--guidance-min-t",  # = SampleConfig's
                                          help="Guide only at noise levels t/T of at least this (0: every step)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (a --cfg model)."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps."),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from .errors import Cancelled
+from .errors import Cancelled, ProtodiffError
 
 
 class Terminated(KeyboardInterrupt):
@@ -30,6 +30,13 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
     import signal
 
     return Terminated("cancelled (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _in_main_thread() -> bool:
+    """Signal handlers can only be installed (and only run) in the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def signal_received() -> int | None:
@@ -49,9 +56,8 @@ def cancel_on_signals() -> Iterator[None]:
     the handler while it runs and restores it after.
     """
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+    if not _in_main_thread() or not hasattr(signal, "SIGTERM"):
         yield
         return
 
@@ -72,7 +78,8 @@ def cancel_on_signals() -> Iterator[None]:
         yield
     except BaseException as exc:  # the run is marked cancelled by now; say so in one sentence (exit 130)
         signum = signal_received()
-        if isinstance(exc, (Cancelled, SystemExit)) or not (isinstance(exc, KeyboardInterrupt) or signum):
+        by_signal = isinstance(exc, KeyboardInterrupt) or signum is not None  # (or an error the signal caused)
+        if not by_signal or isinstance(exc, (Cancelled, SystemExit)):
             raise
         how = "SIGTERM" if isinstance(exc, Terminated) or signum == signal.SIGTERM else "Ctrl-C"
         raise Cancelled(f"Cancelled ({how}); the same command with --resume starts it again.") from None
@@ -101,15 +108,14 @@ def signals_held() -> Iterator[None]:
 @contextlib.contextmanager
 def noting_sigint() -> Iterator[None]:
     """For a whole CLI command: Ctrl-C still raises KeyboardInterrupt, and is remembered, so that an error it
-    causes on its way (an ImportError from an interrupted import) reads as an interruption, not a crash.
+    causes on its way (an ImportError from an interrupted import) is raised as a KeyboardInterrupt (an
+    interruption, not a crash); a :class:`ProtodiffError` (e.g. :class:`Cancelled`) passes unchanged.
 
     Only replaces Python's default SIGINT handler, in the main thread; an inherited "ignore" stays.
     """
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if not _in_main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
 
@@ -121,6 +127,10 @@ def noting_sigint() -> Iterator[None]:
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
+    except Exception as exc:
+        if _STATE["received"] is not None and not isinstance(exc, ProtodiffError):
+            raise KeyboardInterrupt from exc  # Python reports an interrupted import as ImportError
+        raise
     finally:
         signal.signal(signal.SIGINT, old)
         _STATE["received"] = outer

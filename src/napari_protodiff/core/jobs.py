@@ -283,17 +283,16 @@ class RunDir:
         self.log(f"started (pid {os.getpid()})")
         try:
             yield self
-        except (Cancelled, KeyboardInterrupt, GeneratorExit) as exc:
-            self.set_status("cancelled", message=str(exc) or "cancelled")
-            self.log("cancelled")
-            raise
         except BaseException as exc:
             from .interrupts import signal_received
 
-            if signal_received() and not isinstance(exc, SystemExit):
-                # a signal broke whatever was running (Python turns Ctrl-C during a C extension's import into
-                # ImportError): the user stopped the job, it did not fail
-                self.set_status("cancelled", message=f"cancelled ({type(exc).__name__} after the signal)")
+            # Stopped by the user: Cancel, Ctrl-C, SIGTERM, or an error a signal caused on its way
+            # (Python turns Ctrl-C during a C extension's import into ImportError).
+            stopped = isinstance(exc, (Cancelled, KeyboardInterrupt, GeneratorExit))
+            caused = not stopped and signal_received() is not None and not isinstance(exc, SystemExit)
+            if stopped or caused:
+                msg = f"cancelled ({type(exc).__name__} after the signal)" if caused else (str(exc) or "cancelled")
+                self.set_status("cancelled", message=msg)
                 self.log("cancelled")
                 raise
             msg = str(exc) if isinstance(exc, ProtodiffError) else f"{type(exc).__name__}: {exc}"

@@ -161,6 +161,10 @@ _PRESETS: dict[str, dict] = {
 }
 
 
+#: Classifier guidance acts at noise levels t / T of at least this by default (docs/diffusion.md).
+GUIDANCE_MIN_T = 0.4
+
+
 class SampleConfig(_Model):
     """Parameters of sampling (shared by the API, ``protodiff sample`` and the Synthesize widget)."""
 
@@ -168,7 +172,7 @@ class SampleConfig(_Model):
     prototypes: str = Field("balanced", description="'balanced', 'all' (= balanced), one id '3', ids '3,5' (even mix "
                             "over the list, one id per patch) or weights '3:0.7,5:0.3' (a mixture for every patch).")
     guidance: float = Field(3.0, description="Classifier-guidance scale s (0: unguided).")
-    guidance_min_t: float = Field(0.4, ge=0, lt=1, description="Classifier guidance acts only at noise levels t / T "
+    guidance_min_t: float = Field(GUIDANCE_MIN_T, ge=0, lt=1, description="Classifier guidance acts only at noise levels t / T "
                                   "of at least this (0: at every step); what prototype a patch becomes is decided at "
                                   "high noise, so the gradients below it cost time and change little.")
     cfg_scale: float | None = Field(None, description="Classifier-free guidance scale (needs a class-conditional UNet).")

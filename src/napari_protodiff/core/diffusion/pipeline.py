@@ -42,6 +42,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .config import GUIDANCE_MIN_T
 from .errors import PrototypeError, SamplingError
 
 
@@ -177,7 +178,7 @@ class PrototypeGuidedPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         cfg_scale: float | None = None,
         guidance_x0_clip: float | None = 3.0,
-        guidance_min_t: float = 0.4,
+        guidance_min_t: float = GUIDANCE_MIN_T,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[["PrototypeGuidedPipeline", int, Any, dict], dict | None] | None = None,
