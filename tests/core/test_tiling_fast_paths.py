@@ -2,8 +2,9 @@
 
 * ``TiffBackend.read_patches`` (tiles decoded once, JPEG tiles decoded straight into
   patches) equals ``read_region`` patch by patch, aligned or not, at the image edge too.
-* ``store.patch_writer`` and ``store.block_marker`` write the same chunk files, byte for
-  byte, as zarr's own ``arr[a:b] = pix`` and ``arr[b] = 1``.
+* ``store.patch_writer`` and ``store.block_marker`` write the same chunk (and shard) files,
+  byte for byte, as zarr's own ``arr[a:b] = pix`` and ``arr[b] = 1``; ``store.shard_reader``
+  reads what zarr reads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from PIL import Image
 
 from napari_protodiff.core.grid import plan_grid, read_block
 from napari_protodiff.core.slide import open_slide
-from napari_protodiff.core.store import PATCH_CHUNK_KEYS, _codec, block_marker, patch_writer
+from napari_protodiff.core.errors import StoreError
+from napari_protodiff.core.store import PATCH_CHUNK_KEYS, _codec, block_marker, patch_writer, shard_reader
 from napari_protodiff.core.tissue import detect_tissue
 
 
@@ -176,3 +178,64 @@ def test_blosc_encoder_gives_the_codec_bytes():
     for p in (rng.integers(0, 256, 256 * 256 * 3, dtype=np.uint8), np.full(256 * 256 * 3, 240, np.uint8),
               rng.integers(200, 210, 999, dtype=np.uint8)):
         assert enc(p) == bytes(codec.encode(p.reshape(-1, 3)))
+
+
+def _sharded(root, n, k, s=32, fill=0):
+    g = zarr.open_group(str(root), mode="w", zarr_format=3)
+    return g.create_array("patches", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8",
+                          compressors=[_codec()], fill_value=fill, chunk_key_encoding=PATCH_CHUNK_KEYS)
+
+
+def test_sharded_patch_writer_writes_what_zarr_writes(tmp_path):
+    """Whole shards (given as one array or as a list of parts), a tail shard, a fill-value
+    patch inside a shard, a shard of fill values only (no file), and a write that is not
+    shard-aligned (through zarr): the same files as zarr's own writes, read back by
+    zarr and by ``shard_reader``."""
+    rng = np.random.default_rng(0)
+    n, k = 15, 4
+    pix = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    pix[:, :16] = 236  # glass-like rows: compressible
+    pix[1] = 0  # a fill patch inside shard 0
+    pix[8:12] = 0  # shard 2: fill values only
+    written = {}
+    for how in ("zarr", "direct"):
+        a = _sharded(tmp_path / f"{how}.zarr", n, k)
+        if how == "zarr":
+            a[0:4], a[4:8], a[8:12], a[12:15] = pix[0:4], pix[4:8], pix[8:12], pix[12:15]
+        else:
+            w = patch_writer(a)
+            assert w.__qualname__.startswith("shard_writer")
+            w(0, [pix[0:1], pix[1:3], pix[3:4]])  # parts are not joined first
+            w(4, pix[4:12])  # two shards in one call
+            w(12, pix[12:15])  # the tail shard (3 of 4 patches)
+        written[how] = _files(tmp_path / f"{how}.zarr")
+        b = zarr.open_array(str(tmp_path / f"{how}.zarr" / "patches"))
+        np.testing.assert_array_equal(b[:], pix)
+        read = shard_reader(b)
+        for i in range(n):
+            np.testing.assert_array_equal(read(i), pix[i])
+    assert written["zarr"] == written["direct"]
+    assert sorted(k for k in written["direct"] if k.startswith("patches/c.")) == [
+        "patches/c.0.0.0.0", "patches/c.1.0.0.0", "patches/c.3.0.0.0"]
+    assert not any(".partial" in k for k in written["direct"])
+
+    # not whole shards: merged by zarr into what is there
+    a = zarr.open_array(str(tmp_path / "direct.zarr" / "patches"), mode="r+")
+    patch_writer(a)(5, pix[0:2])
+    expect = pix.copy()
+    expect[5:7] = pix[0:2]
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct.zarr" / "patches"))[:], expect)
+
+
+def test_shard_reader_refuses_a_corrupt_index(tmp_path):
+    a = _sharded(tmp_path / "s.zarr", 8, 4)
+    pix = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    patch_writer(a)(0, pix)
+    f = tmp_path / "s.zarr" / "patches" / "c.1.0.0.0"
+    raw = bytearray(f.read_bytes())
+    raw[-10] ^= 0xFF  # inside the index
+    f.write_bytes(bytes(raw))
+    read = shard_reader(zarr.open_array(str(tmp_path / "s.zarr" / "patches")))
+    np.testing.assert_array_equal(read(2), pix[2])  # shard 0 is intact
+    with pytest.raises(StoreError, match="c.1.0.0.0: the shard's index is corrupt"):
+        read(5)

@@ -108,7 +108,10 @@ class SynthesizeWidget(QWidget):
         self.mode_combo.currentIndexChanged.connect(self._on_mode)
         lay.addWidget(self.mode_combo)
         self.proto_table = QTableWidget(0, 4)
-        self.proto_table.setHorizontalHeaderLabels(("Prototype", "Training patches", "Share", "Weight"))
+        self.proto_table.setHorizontalHeaderLabels(("Prototype", "Patches", "Share", "Weight"))
+        for c, tip in enumerate(("Tick to steer toward it", "Training patches assigned to the prototype",
+                                 "Share of the training patches", "Relative weight in the mixture")):
+            self.proto_table.horizontalHeaderItem(c).setToolTip(tip)
         self.proto_table.verticalHeader().setVisible(False)
         self.proto_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.proto_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
@@ -223,6 +226,8 @@ class SynthesizeWidget(QWidget):
             spin.setDecimals(2)
             spin.setSingleStep(0.1)
             spin.setValue(1.0)
+            spin.setButtonSymbols(QDoubleSpinBox.ButtonSymbols.NoButtons)  # narrow: the names keep their room
+            spin.setMaximumWidth(64)
             spin.setToolTip("Relative weight of this prototype in the mixture (normalised over the ticked ones)")
             self.proto_table.setCellWidget(j, 3, spin)
         self._on_mode()

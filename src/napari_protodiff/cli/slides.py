@@ -70,6 +70,7 @@ def tile(
     workers: int = typer.Option(1, "--workers", help="Local parallel workers (dask)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing dask.distributed scheduler (tcp://host:port)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-tile slides already in the store."),
+    shard_patches: Optional[int] = typer.Option(None, "--shard-patches", help="Patches per shard file (default: (2048 // size)², at most 4096; 1: one file per patch)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -81,7 +82,7 @@ def tile(
         raise ProtodiffError("Give either --workers or --scheduler, not both.")
     try:
         cfg = TilingConfig(size=size, mpp=mpp, min_tissue=min_tissue, mpp_override=mpp_override, workers=workers,
-                           scheduler=scheduler, overwrite=overwrite)
+                           scheduler=scheduler, overwrite=overwrite, shard_patches=shard_patches)
     except ValueError as exc:
         raise ProtodiffError(validation_message(exc)) from None
     result = run_with_progress(tile_slides(slides, output, cfg), quiet=quiet or as_json)

@@ -28,6 +28,10 @@ from .store import PatchStore, block_marker, patch_writer, slide_id_from_path, v
 from .tissue import TissueMask, TissueParams, detect_tissue
 
 
+#: The default shard never holds more patches than this (tiny patches: progress and cancel stay fine-grained).
+MAX_SHARD_PATCHES = 4096
+
+
 class TilingConfig(BaseModel):
     """Parameters of the tiling stage (shared by the API, ``protodiff tile`` and the Slides widget)."""
 
@@ -41,6 +45,10 @@ class TilingConfig(BaseModel):
     workers: int = Field(1, ge=1, le=512, description="Parallel local worker processes.")
     scheduler: str | None = Field(None, description="Address of an existing dask.distributed scheduler.")
     block_px: int = Field(2048, ge=64, description="Side of a block read at once (px at the read level).")
+    shard_patches: int | None = Field(
+        None, ge=1, le=65536,
+        description="Patches per shard file of the store (default: a block's worth, (block_px // size)², at most "
+                    f"{MAX_SHARD_PATCHES}; 1: one file per patch). A shard is the unit of parallel work and of resume.")
     tissue: TissueParams = Field(default_factory=TissueParams)
 
     @field_validator("mpp")
@@ -65,6 +73,10 @@ class SlidePlan:
     grid: GridPlan
     action: str = "new"  # new | resume | skip | overwrite
     blocks_todo: list[int] = field(default_factory=list)
+    shard_patches: int = 1
+    block_start: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    """Offsets of the store's blocks (the units written and marked done): one per shard
+    when sharded, else the grid's spatial blocks."""
 
 
 @dataclass
@@ -154,7 +166,7 @@ def _check_output(out: Path) -> None:
 
 # -- the unit of parallel work (module level so dask can pickle it) -------------------------
 #: What :func:`tile_block` imports lazily; worker processes fork from a server that has them.
-WORKER_PRELOAD = ("zarr", "numcodecs.blosc", "tifffile", "imagecodecs")
+WORKER_PRELOAD = ("zarr", "numcodecs.blosc", "google_crc32c", "tifffile", "imagecodecs")
 
 
 @lru_cache(maxsize=8)
@@ -170,13 +182,26 @@ def _worker_arrays(store: str, slide_id: str):
     return patch_writer(g["patches"]), block_marker(g["block_done"])
 
 
+def shard_size(cfg: TilingConfig) -> int:
+    """Patches per shard file (``cfg.shard_patches``, by default a block's worth)."""
+    if cfg.shard_patches is not None:
+        return int(cfg.shard_patches)
+    return min(MAX_SHARD_PATCHES, max(1, cfg.block_px // cfg.size) ** 2)
+
+
 def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
-    """Read one block of patches from its slide and write it to the store."""
+    """Read one block of patches from its slide and write it to the store.
+
+    A store block (a shard) can span several of the grid's spatial blocks; each of those
+    parts is read on its own, so a slide read by regions never reads a bounding box
+    that spans the gap between two blocks."""
     slide = _worker_slide(task["path"], task["mpp_override"])
     write_patches, mark_done = _worker_arrays(task["store"], task["slide_id"])
     s, e = task["start"], task["stop"]
-    pix = read_block(slide, task["level"], task["lds"], task["read_size"], task["size"], task["coords"])
-    write_patches(s, pix)
+    coords, parts = task["coords"], task["parts"]
+    reads = [read_block(slide, task["level"], task["lds"], task["read_size"], task["size"], coords[a:b])
+             for a, b in zip(parts[:-1], parts[1:])]
+    write_patches(s, reads)  # the parts in order, not joined
     mark_done(task["block"])
     return task["slide_id"], task["block"], e - s
 
@@ -211,7 +236,10 @@ def tile_slides(
         if h in seen:
             raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
         seen[h] = Path(p)
-        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid))
+        k = shard_size(cfg)
+        starts = grid.block_start if k <= 1 else np.r_[np.arange(0, grid.n_patches, k), grid.n_patches].astype(np.int64)
+        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid, shard_patches=k,
+                               block_start=starts))
 
     # 2. decide what to do with the store and each slide
     created = False
@@ -254,9 +282,9 @@ def tile_slides(
             else:
                 sp.slide_id = st.unique_slide_id(sp.slide_id)
             st.add_slide(sp.slide_id, _slide_attrs(sp, cfg), sp.grid.coords, sp.grid.tissue_fraction,
-                         sp.grid.block_start)
+                         sp.block_start, shard_patches=sp.shard_patches)
             new_ids.append(sp.slide_id)
-            sp.blocks_todo = list(range(sp.grid.n_blocks))
+            sp.blocks_todo = list(range(len(sp.block_start) - 1))
 
         # 3. read and write blocks in parallel
         tasks = [_task(sp, b, out, cfg) for sp in plans for b in sp.blocks_todo]
@@ -305,7 +333,8 @@ def tile_slides(
 
 def _grid_key(sp: SlidePlan, cfg: TilingConfig) -> str:
     g = sp.grid
-    return f"{cfg.size}|{cfg.mpp}|{cfg.min_tissue}|{g.level}|{g.read_size}|{g.n_patches}|{g.n_blocks}|{cfg.block_px}"
+    key = f"{cfg.size}|{cfg.mpp}|{cfg.min_tissue}|{g.level}|{g.read_size}|{g.n_patches}|{g.n_blocks}|{cfg.block_px}"
+    return key if sp.shard_patches <= 1 else f"{key}|shards {sp.shard_patches}"
 
 
 def _slide_attrs(sp: SlidePlan, cfg: TilingConfig) -> dict[str, Any]:
@@ -332,15 +361,19 @@ def _slide_attrs(sp: SlidePlan, cfg: TilingConfig) -> dict[str, Any]:
                         "tissue_fraction": sp.tissue.tissue_fraction},
         "params": cfg.model_dump(mode="json", exclude={"workers", "scheduler", "overwrite"}),
         "grid_key": _grid_key(sp, cfg),
+        "shard_patches": sp.shard_patches,
         "versions": versions(),
     }
 
 
 def _task(sp: SlidePlan, b: int, out: Path, cfg: TilingConfig) -> dict[str, Any]:
-    s, e = int(sp.grid.block_start[b]), int(sp.grid.block_start[b + 1])
+    s, e = int(sp.block_start[b]), int(sp.block_start[b + 1])
+    # the grid's spatial blocks inside [s, e), as offsets from s: each is read on its own
+    inner = sp.grid.block_start[(sp.grid.block_start > s) & (sp.grid.block_start < e)]
+    parts = np.r_[0, inner - s, e - s].astype(np.int64)
     return {
         "path": str(sp.path.resolve()), "mpp_override": cfg.mpp_override, "store": str(out.resolve()),
         "slide_id": sp.slide_id, "block": b, "start": s, "stop": e, "level": sp.grid.level,
         "lds": sp.grid.level_downsample, "read_size": sp.grid.read_size, "size": sp.grid.patch_size,
-        "coords": sp.grid.coords[s:e],
+        "coords": sp.grid.coords[s:e], "parts": parts,
     }

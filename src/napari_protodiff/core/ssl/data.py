@@ -81,6 +81,11 @@ def _chunk_reader(arr):
     def through_zarr(i: int) -> np.ndarray:
         return np.asarray(arr[i])
 
+    from ..store import shard_reader
+
+    sharded = shard_reader(arr)  # a tiled store: patches in shard files
+    if sharded is not None:
+        return sharded
     try:
         from zarr.codecs import BloscCodec, BytesCodec
         from zarr.storage import LocalStore
