@@ -1,4 +1,4 @@
-"""Tissue detection's shortcuts change nothing but time."""
+"""Tissue detection's shortcuts change nothing but time: the same values as skimage and scipy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from skimage import color
 
-from napari_protodiff.core.tissue import _rgb2hsv, detect_tissue_rgb
+from napari_protodiff.core.tissue import _close_cross, _hue, _rgb2hsv, _saturation_value, detect_tissue_rgb
 
 
 def test_rgb2hsv_lookup_equals_skimage(ink_jpeg, he_png):
@@ -24,3 +24,39 @@ def test_no_ink_means_an_empty_ink_mask(he_png):
     tissue, ink = detect_tissue_rgb(he, mpp=0.5)
     assert not ink.any()
     assert tissue[:150, :150].mean() > 0.9
+
+
+def _colours() -> np.ndarray:
+    """1,000,000 random colours plus every grey and the ramps where channels tie or cross."""
+    rng = np.random.default_rng(0)
+    g = np.arange(256, dtype=np.uint8)
+    z, f = np.zeros_like(g), np.full_like(g, 255)
+    ramps = [np.stack(c, 1) for c in ((g, g, g), (g, g, 255 - g), (g, 255 - g, g), (255 - g, g, g), (g, g, z),
+                                       (g, z, g), (z, g, g), (f, g, g), (g, f, g), (g, g, f))]
+    return np.concatenate([rng.integers(0, 256, (1_000_000, 3), dtype=np.uint8), *ramps])
+
+
+def test_saturation_value_and_hue_are_skimages_exactly(ink_jpeg):
+    px = _colours()
+    ref = color.rgb2hsv(px[None])[0]
+    s, v = _saturation_value(px[None])
+    np.testing.assert_array_equal(s[0], ref[:, 1])
+    np.testing.assert_array_equal(v[0], ref[:, 2])
+    np.testing.assert_array_equal(_hue(px), ref[:, 0])
+    ink = np.asarray(Image.open(ink_jpeg).convert("RGB"))  # a real image, 2-D
+    ref = color.rgb2hsv(ink)
+    s, v = _saturation_value(ink)
+    np.testing.assert_array_equal(s, ref[..., 1])
+    np.testing.assert_array_equal(v, ref[..., 2])
+
+
+def test_closing_with_a_cross_equals_scipys():
+    from scipy import ndimage
+    from skimage import morphology
+
+    rng = np.random.default_rng(1)
+    cross = morphology.disk(1).astype(bool)
+    for shape in ((1, 7), (2, 2), (3, 3), (40, 65), (257, 130)):
+        for p in (0.1, 0.5, 0.8, 0.95):
+            m = rng.random(shape) < p
+            np.testing.assert_array_equal(_close_cross(m), ndimage.binary_closing(m, cross, border_value=0))

@@ -84,6 +84,29 @@ def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     return mask | small[labels]
 
 
+def _close_cross(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_closing(mask, disk(1), border_value=0)`` (a 3 x 3 cross) with
+    shifted boolean operations: the same result, several times faster on a big mask."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or min(m.shape) < 2:
+        from scipy import ndimage
+        from skimage import morphology
+
+        return ndimage.binary_closing(m, morphology.disk(1).astype(bool), border_value=0)
+    d = m.copy()  # dilation: outside the image counts as background
+    d[1:] |= m[:-1]
+    d[:-1] |= m[1:]
+    d[:, 1:] |= m[:, :-1]
+    d[:, :-1] |= m[:, 1:]
+    e = d.copy()  # erosion: a pixel on the border has a background neighbour outside
+    e[1:] &= d[:-1]
+    e[:-1] &= d[1:]
+    e[:, 1:] &= d[:, :-1]
+    e[:, :-1] &= d[:, 1:]
+    e[0], e[-1], e[:, 0], e[:, -1] = False, False, False, False
+    return e
+
+
 def _px_area(um2: float, mpp_mask: float | None, fallback_px: int) -> int:
     if mpp_mask is None:
         return fallback_px
@@ -111,14 +134,71 @@ def _rgb2hsv(rgb: np.ndarray) -> np.ndarray:
     return color.rgb2hsv(rgb_u)[index[code]]
 
 
+def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value of an RGB image: exactly ``skimage.color.rgb2hsv``'s (float64).
+
+    For uint8 both are functions of each pixel's largest and smallest channel: value is
+    ``F[max]`` and saturation ``(F[max] - F[min]) / F[max]`` with ``F`` skimage's own uint8
+    to float conversion, looked up from tables (the same float64 operations as skimage's,
+    done once per (max, min) pair instead of once per pixel)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        hsv = _rgb2hsv(rgb)
+        return hsv[..., 1], hsv[..., 2]
+    f, sat = _sv_tables()
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    pair = mx.astype(np.uint16) << 8
+    pair |= mn
+    return sat[pair], f[mx]
+
+
+_SV_TABLES: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _sv_tables() -> tuple[np.ndarray, np.ndarray]:
+    global _SV_TABLES
+    if _SV_TABLES is None:
+        from skimage.util import img_as_float
+
+        f = img_as_float(np.arange(256, dtype=np.uint8))  # skimage's uint8 -> float64
+        mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+        delta = f[mx] - f[mn]  # np.ptp of the float channels: max minus min
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sat = delta / f[mx]
+        sat[delta == 0.0] = 0.0
+        _SV_TABLES = (f, np.ascontiguousarray(sat.reshape(-1)))
+    return _SV_TABLES
+
+
+def _hue(pixels: np.ndarray) -> np.ndarray:
+    """``skimage.color.rgb2hsv`` hue of (n, 3) pixels: for uint8, skimage's own float64
+    operations in its order (a channel that is the maximum overrides the ones before it)."""
+    if pixels.shape[0] == 0:
+        return np.zeros(0)
+    if pixels.dtype != np.uint8:
+        return _rgb2hsv(pixels[None])[0, :, 0]
+    f = _sv_tables()[0]
+    r, g, b = f[pixels[:, 0]], f[pixels[:, 1]], f[pixels[:, 2]]
+    v = np.maximum(np.maximum(r, g), b)
+    delta = v - np.minimum(np.minimum(r, g), b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h = np.where(r == v, (g - b) / delta, 0.0)
+        h = np.where(g == v, 2.0 + (b - r) / delta, h)
+        h = np.where(b == v, 4.0 + (r - g) / delta, h)
+    h = (h / 6.0) % 1.0
+    h[delta == 0.0] = 0.0
+    h[np.isnan(h)] = 0.0
+    return h
+
+
 def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tissue and ink masks of an RGB uint8 image whose pixels are ``mpp`` µm (or unknown)."""
     from scipy import ndimage
-    from skimage import filters, morphology
+    from skimage import filters
 
     p = params or TissueParams()
-    hsv = _rgb2hsv(rgb)
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    s, v = _saturation_value(rgb)
     glass = v > p.max_brightness
     dark = v < p.min_brightness
     cand = ~glass & ~dark
@@ -132,7 +212,9 @@ def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: 
     ink = np.zeros_like(tissue)
     if p.reject_ink:
         lo, hi = p.ink_hue_range
-        ink = (h >= lo) & (h <= hi) & (s >= p.ink_min_saturation) & ~glass
+        ink = (s >= p.ink_min_saturation) & ~glass
+        hue = _hue(np.asarray(rgb)[ink])  # hue only where it can matter
+        ink[ink] = (hue >= lo) & (hue <= hi)
         ink |= dark  # black marker and debris
         small_ink = _px_area(2000.0, mpp, 16)
         ink = _remove_small(ink, small_ink)
@@ -144,7 +226,7 @@ def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: 
 
     min_obj = _px_area(p.min_object_um2, mpp, max(16, tissue.size // 20000))
     max_hole = _px_area(p.max_hole_um2, mpp, max(4, tissue.size // 100000))
-    tissue = ndimage.binary_closing(tissue, morphology.disk(1).astype(bool), border_value=0)
+    tissue = _close_cross(tissue)
     tissue = _fill_holes(tissue, max_hole)
     if p.reject_ink:
         tissue &= ~ink
