@@ -98,6 +98,33 @@ def test_label_image_exports(fitted_small, tmp_path):
         export_prototype_map(fitted_small, sid, tmp_path / "m.jpg")
 
 
+def test_overlay_background_paints_the_stored_patches_when_the_slide_is_gone(fitted_small, tmp_path):
+    """Without the slide file, each stored patch (read a shard at a time) is painted,
+    downscaled, into its place."""
+    import shutil
+
+    from PIL import Image
+
+    from napari_protodiff.core.prototype_map import overlay_background
+
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(fitted_small, moved)
+    st = PatchStore(moved, mode="r+")
+    sid = st.slide_ids[1]
+    g = st.slide(sid).group
+    g.attrs["protodiff"] = dict(g.attrs["protodiff"], path=str(tmp_path / "no-such-slide.svs"))
+    entry = st.slide(sid)
+    canvas, ds = overlay_background(st, sid, max_side=400)
+    side = max(1, int(round(float(entry.attrs["footprint_level0"]) / ds)))
+    pats = entry.patches().compute()
+    for i in (0, entry.n_patches // 2, entry.n_patches - 1):
+        x, y = entry.coords()[i]
+        want = np.asarray(Image.fromarray(pats[i]).resize((side, side), Image.Resampling.BILINEAR))
+        y0, x0 = int(y / ds), int(x / ds)
+        got = canvas[y0 : y0 + side, x0 : x0 + side]
+        np.testing.assert_array_equal(got, want[: got.shape[0], : got.shape[1]])
+
+
 @pytest.fixture(scope="module")
 def fitted_small(embedded_store, tmp_path_factory):
     import shutil

@@ -127,8 +127,13 @@ def overlay_background(st: PatchStore, slide_id: str, max_side: int = 1600) -> t
     fp = float(a["footprint_level0"])
     side = max(1, int(round(fp / ds)))
     pats = entry.group["patches"]
+    run = (getattr(pats, "shards", None) or (256,))[0]  # read whole shards (or runs of 256): one patch at a time is slow in zarr
+    block, start = None, 0
     for i, (x, y) in enumerate(entry.coords()):
-        tile = np.asarray(Image.fromarray(np.asarray(pats[i])).resize((side, side), Image.Resampling.BILINEAR))
+        if block is None or i >= start + len(block):
+            start = i
+            block = np.asarray(pats[i : i + run])
+        tile = np.asarray(Image.fromarray(block[i - start]).resize((side, side), Image.Resampling.BILINEAR))
         y0, x0 = int(y / ds), int(x / ds)
         hh, ww = canvas[y0:y0 + side, x0:x0 + side].shape[:2]
         canvas[y0:y0 + hh, x0:x0 + ww] = tile[:hh, :ww]
