@@ -15,6 +15,6 @@ if [ $# -gt 0 ]; then
     exec "${XVFB[@]}" .venv/bin/python -m pytest -p no:xvfb "$@"
 fi
 rc=0
-"${XVFB[@]}" .venv/bin/python -m pytest -p no:xvfb -n 2 --dist loadgroup --ignore=tests/gui || rc=$?
-"${XVFB[@]}" .venv/bin/python -m pytest -p no:xvfb tests/gui || rc=$?
+"${XVFB[@]}" .venv/bin/python -m pytest -p no:xvfb -n 2 --dist loadgroup --durations=12 --ignore=tests/gui || rc=$?
+"${XVFB[@]}" .venv/bin/python -m pytest -p no:xvfb --durations=8 tests/gui || rc=$?
 exit $rc
