@@ -142,8 +142,10 @@ def test_killed_process_resumes(tmp_path, cmu_svs):
     assert p.returncode == -signal.SIGKILL
     (e,) = PatchStore(store).slides(complete_only=False)
     assert e.status == "tiling" and 0 < e.blocks_done().sum() < e.blocks_done().size
+    (store / "slides" / "CMU-1-Small-Region" / "patches" / "c.0.0.0.0.123-456.partial").write_bytes(b"cut off")
     r = _tile([cmu_svs], store, size=64, mpp=1.0, min_tissue=0.3, block_px=256)
     assert r.slides[0]["action"] == "resume"
+    assert not list(store.rglob("*.partial"))  # what the killed run was writing is cleared
     _tile([cmu_svs], tmp_path / "ref.zarr", size=64, mpp=1.0, min_tissue=0.3, block_px=256)
     for a, b in zip(_store_arrays(store)["CMU-1-Small-Region"], _store_arrays(tmp_path / "ref.zarr")["CMU-1-Small-Region"]):
         np.testing.assert_array_equal(a, b)

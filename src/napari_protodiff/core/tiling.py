@@ -270,6 +270,9 @@ def tile_slides(
                 if same:
                     sp.action, sp.slide_id = "resume", existing.slide_id
                     sp.blocks_todo = [int(b) for b in np.flatnonzero(~existing.blocks_done())]
+                    # a shard (or zarr metadata) being written when the run was killed
+                    for f in (out / "slides" / existing.slide_id).rglob("*.partial"):
+                        f.unlink(missing_ok=True)
                     continue
                 raise StoreError(
                     f"{out}: slide '{existing.slide_id}' was partly tiled with other parameters; "
