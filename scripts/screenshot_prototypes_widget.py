@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def _settle(app, n: int = 30) -> None:
-    for _ in range(n):
-        app.processEvents()
-        time.sleep(0.01)
+from _screenshot import save_window, settle, wait_until_idle
 
 
 def main(out: str = "docs/images/prototypes_widget.png") -> Path:
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from napari_protodiff._napari.prototypes_widget import PrototypesWidget
     from napari_protodiff.core.progress import drain
@@ -41,24 +35,10 @@ def main(out: str = "docs/images/prototypes_widget.png") -> Path:
     widget.set_store(store)
     widget.proto_form.set_values(k=6, seed=0)
     widget.run()
-    app = QApplication.instance()
-    while widget.busy:
-        app.processEvents()
-        time.sleep(0.01)
-    _settle(app)
+    wait_until_idle(widget)
+    settle()
     widget.legend.selectRow(2)
-    _settle(app)
-    viewer.reset_view()
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # the job's "done" toast would hide the scale bar
-    _settle(app, 20)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(path), canvas_only=False)
-    viewer.close()
-    return path
+    return save_window(viewer, out)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ Run under a display (or Xvfb)::
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
+
+from _screenshot import save_window, wait_until_idle
 
 
 def main(out: str = "docs/images/slides_widget.png") -> Path:
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from napari_protodiff._napari.slides_widget import SlidesWidget
     from napari_protodiff.data import SAMPLE_SLIDE
@@ -27,22 +27,8 @@ def main(out: str = "docs/images/slides_widget.png") -> Path:
     widget.open_path(SAMPLE_SLIDE)
     widget.store_edit.setText("patches.zarr")
     widget.preview()
-    app = QApplication.instance()
-    while widget.busy:
-        app.processEvents()
-        time.sleep(0.01)
-    for _ in range(50):  # let the window settle, then fit the slide and draw
-        app.processEvents()
-        time.sleep(0.01)
-    viewer.reset_view()
-    for _ in range(20):
-        app.processEvents()
-        time.sleep(0.01)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(path), canvas_only=False)
-    viewer.close()
-    return path
+    wait_until_idle(widget)
+    return save_window(viewer, out, settle_first=50)
 
 
 if __name__ == "__main__":

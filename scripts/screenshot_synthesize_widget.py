@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _screenshot import save_window, wait_until_idle
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _settle(app, n: int = 30) -> None:
-    for _ in range(n):
-        app.processEvents()
-        time.sleep(0.01)
-
-
-def _wait(app, widget) -> None:
-    while widget.busy:
-        app.processEvents()
-        time.sleep(0.01)
-
-
 def main(out: str = "docs/images/synthesize_widget.png") -> Path:
     import napari
-    from qtpy.QtWidgets import QApplication
 
     from napari_protodiff._napari.synthesize_widget import SynthesizeWidget
     from napari_protodiff.core.diffusion.config import DiffusionConfig
@@ -66,21 +54,9 @@ def main(out: str = "docs/images/synthesize_widget.png") -> Path:
     widget.form.set_values(n=16, steps=50, seed=0, guidance=4.0)
     widget.layout_combo.setCurrentText("grid")
     widget.nearest_check.setChecked(True)  # each sample beside its nearest real patch
-    app = QApplication.instance()
     widget.run()
-    _wait(app, widget)
-    _settle(app)
-    viewer.reset_view()
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
-    _settle(app, 20)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(path), canvas_only=False)
-    viewer.close()
-    return path
+    wait_until_idle(widget)
+    return save_window(viewer, out)
 
 
 if __name__ == "__main__":
