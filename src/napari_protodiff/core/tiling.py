@@ -74,9 +74,15 @@ class SlidePlan:
     action: str = "new"  # new | resume | skip | overwrite
     blocks_todo: list[int] = field(default_factory=list)
     shard_patches: int = 1
-    block_start: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-    """Offsets of the store's blocks (the units written and marked done): one per shard
-    when sharded, else the grid's spatial blocks."""
+
+    @property
+    def block_start(self) -> np.ndarray:
+        """Offsets of the store's blocks (the units written and marked done): one per shard
+        when sharded, else the grid's spatial blocks."""
+        if self.shard_patches <= 1:
+            return self.grid.block_start
+        n = self.grid.n_patches
+        return np.r_[np.arange(0, n, self.shard_patches), n].astype(np.int64)
 
 
 @dataclass
@@ -228,6 +234,7 @@ def tile_slides(
     # 1. plan every slide before writing anything
     plans: list[SlidePlan] = []
     seen: dict[str, Path] = {}
+    k = shard_size(cfg)
     for i, p in enumerate(paths):
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -236,10 +243,7 @@ def tile_slides(
         if h in seen:
             raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
         seen[h] = Path(p)
-        k = shard_size(cfg)
-        starts = grid.block_start if k <= 1 else np.r_[np.arange(0, grid.n_patches, k), grid.n_patches].astype(np.int64)
-        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid, shard_patches=k,
-                               block_start=starts))
+        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid, shard_patches=k))
 
     # 2. decide what to do with the store and each slide
     created = False

@@ -8,6 +8,7 @@ scale: ``downsample`` (level-0 pixels per mask pixel) and ``mpp`` (µm per mask 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,22 +154,18 @@ def _saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sat[pair], f[mx]
 
 
-_SV_TABLES: tuple[np.ndarray, np.ndarray] | None = None
-
-
+@functools.cache
 def _sv_tables() -> tuple[np.ndarray, np.ndarray]:
-    global _SV_TABLES
-    if _SV_TABLES is None:
-        from skimage.util import img_as_float
+    """(F, S): skimage's uint8 -> float64 values, and the saturation of every (max, min) pair at ``max << 8 | min``."""
+    from skimage.util import img_as_float
 
-        f = img_as_float(np.arange(256, dtype=np.uint8))  # skimage's uint8 -> float64
-        mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
-        delta = f[mx] - f[mn]  # np.ptp of the float channels: max minus min
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sat = delta / f[mx]
-        sat[delta == 0.0] = 0.0
-        _SV_TABLES = (f, np.ascontiguousarray(sat.reshape(-1)))
-    return _SV_TABLES
+    f = img_as_float(np.arange(256, dtype=np.uint8))
+    mx, mn = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    delta = f[mx] - f[mn]  # np.ptp of the float channels: max minus min
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sat = delta / f[mx]
+    sat[delta == 0.0] = 0.0
+    return f, np.ascontiguousarray(sat.reshape(-1))
 
 
 def _hue(pixels: np.ndarray) -> np.ndarray:

@@ -264,7 +264,7 @@ def sample_images(model, config: SampleConfig | None = None,
     protos = request if isinstance(request, dict) else [request[i % len(request)] for i in range(cfg.n)]
     gens = [torch.Generator(device=device).manual_seed(int(cfg.seed + i)) for i in range(cfg.n)]
     kwargs = dict(prototypes=protos, num_images=cfg.n, guidance_scale=cfg.guidance, cfg_scale=cfg.cfg_scale,
-                      guidance_min_t=cfg.guidance_min_t,
+                  guidance_min_t=cfg.guidance_min_t,
                   num_inference_steps=cfg.steps, generator=gens, output_type="np")
     images = yield from run_pipeline(pipe, kwargs, cancel, 0, cfg.steps, "sampling")
     req = np.full(cfg.n, -1, np.int32) if isinstance(request, dict) else np.asarray(protos, np.int32)

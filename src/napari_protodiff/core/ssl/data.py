@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import StoreError
-from ..store import PatchStore
+from ..store import PatchStore, patch_reader
 
 REAL, SYNTHETIC = 0, 1
 
@@ -65,7 +65,7 @@ class PatchSource:
         readers = []
         for sid in self.slide_ids:
             arr = zarr.open_array(str(self.path / "slides" / sid / "patches"), mode="r")
-            readers.append(_chunk_reader(arr))
+            readers.append(patch_reader(arr))
         return readers
 
     def read(self, i: int) -> np.ndarray:
@@ -73,46 +73,6 @@ class PatchSource:
             self._readers = self._open()
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         return self._readers[s](int(i - self.offsets[s]))
-
-
-def _chunk_reader(arr):
-    """``read(i) -> arr[i]`` for a (N, S, S, 3) uint8 array, from the chunk file when the layout allows."""
-
-    def through_zarr(i: int) -> np.ndarray:
-        return np.asarray(arr[i])
-
-    from ..store import shard_reader
-
-    sharded = shard_reader(arr)  # a tiled store: patches in shard files
-    if sharded is not None:
-        return sharded
-    try:
-        from zarr.codecs import BloscCodec, BytesCodec
-        from zarr.storage import LocalStore
-
-        md = arr.metadata
-        ok = (md.zarr_format == 3 and isinstance(arr.store, LocalStore) and arr.dtype == np.uint8
-              and tuple(md.chunk_grid.chunk_shape) == (1, *arr.shape[1:]) and len(md.codecs) == 2
-              and isinstance(md.codecs[0], BytesCodec) and isinstance(md.codecs[1], BloscCodec))
-        if not ok:
-            return through_zarr
-        decode = md.codecs[1]._blosc_codec.decode
-        key = md.chunk_key_encoding.encode_chunk_key
-        root = os.path.join(str(arr.store.root), arr.path)
-        shape, fill = tuple(arr.shape[1:]), int(md.fill_value)
-        tail = (0,) * (arr.ndim - 1)
-    except Exception:  # pragma: no cover - another zarr: use the public API
-        return through_zarr
-
-    def direct(i: int) -> np.ndarray:
-        try:
-            with open(os.path.join(root, key((i, *tail))), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:  # a chunk equal to the fill value is not stored
-            return np.full(shape, fill, np.uint8)
-        return np.frombuffer(decode(raw), dtype=np.uint8).reshape(shape)
-
-    return direct
 
 
 def open_sources(real: Sequence[str], synthetic: Sequence[str], resize: bool = False) -> list[PatchSource]:
