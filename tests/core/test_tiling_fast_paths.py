@@ -21,7 +21,8 @@ from PIL import Image
 from napari_protodiff.core.grid import plan_grid, read_block
 from napari_protodiff.core.slide import open_slide
 from napari_protodiff.core.errors import StoreError
-from napari_protodiff.core.store import PATCH_CHUNK_KEYS, _codec, block_marker, patch_writer, shard_reader
+from napari_protodiff.core.store import (PATCH_CHUNK_KEYS, _codec, block_marker, blocks_done, patch_writer,
+                                        shard_reader)
 from napari_protodiff.core.tissue import detect_tissue
 
 
@@ -112,6 +113,24 @@ def test_block_marker_writes_what_zarr_writes(tmp_path):
         written[how] = _files(tmp_path / f"{how}.zarr")
         assert zarr.open_array(str(tmp_path / f"{how}.zarr" / "block_done"))[:].tolist() == [1, 0, 0, 1, 0, 1, 1]
     assert written["zarr"] == written["direct"]
+
+
+def test_blocks_done_reads_what_zarr_reads(tmp_path):
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    a = g.create_array("block_done", shape=(9,), chunks=(1,), dtype="uint8", fill_value=0)
+    assert blocks_done(a).tolist() == [False] * 9
+    mark = block_marker(a)
+    for b in (8, 2, 0, 5):
+        mark(b)
+        assert blocks_done(a).tolist() == (a[:] == 1).tolist()
+    assert blocks_done(a).tolist() == [True, False, True, False, False, True, False, False, True]
+    # another layout (several blocks a chunk): read through zarr
+    b2 = g.create_array("other", shape=(9,), chunks=(4,), dtype="uint8", fill_value=0)
+    b2[[1, 7]] = 1
+    assert blocks_done(b2).tolist() == (b2[:] == 1).tolist()
+    # a chunk file that does not hold 1 is not taken on trust
+    a[2] = 7
+    assert blocks_done(a).tolist() == (a[:] == 1).tolist()
 
 
 def _square(x):

@@ -60,3 +60,64 @@ def test_closing_with_a_cross_equals_scipys():
         for p in (0.1, 0.5, 0.8, 0.95):
             m = rng.random(shape) < p
             np.testing.assert_array_equal(_close_cross(m), ndimage.binary_closing(m, cross, border_value=0))
+
+
+def _reference_detect(rgb, p, mpp):
+    """The tissue and ink masks computed the plain way: skimage's float HSV of every pixel,
+    its Otsu on the pixels, scipy's closing, skimage's labels."""
+    from scipy import ndimage
+    from skimage import filters, measure, morphology
+
+    from napari_protodiff.core.tissue import _px_area
+
+    def remove_small(m, n):
+        if n <= 1 or not m.any():
+            return m
+        lab = measure.label(m, connectivity=2)
+        keep = np.bincount(lab.ravel()) >= n
+        keep[0] = False
+        return keep[lab]
+
+    hsv = color.rgb2hsv(rgb)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    glass, dark = v > p.max_brightness, v < p.min_brightness
+    cand = ~glass & ~dark
+    vals, thr = s[cand], p.min_saturation
+    if vals.size > 64 and np.ptp(vals) > 1e-3:
+        thr = max(thr, float(filters.threshold_otsu(vals)) * 0.5)
+    tissue = cand & (s > thr)
+    lo, hi = p.ink_hue_range
+    ink = ((s >= p.ink_min_saturation) & ~glass & (h >= lo) & (h <= hi)) | dark
+    ink = remove_small(ink, _px_area(2000.0, mpp, 16))
+    r = int(round(p.ink_margin_um / mpp))
+    if r > 0 and ink.any():
+        ink = ndimage.distance_transform_edt(~ink) <= r
+    tissue &= ~ink
+    tissue = ndimage.binary_closing(tissue, morphology.disk(1).astype(bool), border_value=0)
+    lab = measure.label(~tissue, connectivity=1)
+    small = np.bincount(lab.ravel()) < _px_area(p.max_hole_um2, mpp, 4)
+    small[0] = False
+    tissue = (tissue | small[lab]) & ~ink
+    return remove_small(tissue, _px_area(p.min_object_um2, mpp, 16)), ink
+
+
+def test_tissue_and_ink_masks_equal_the_plain_skimage_computation(ink_jpeg, he_png):
+    """The (max, min) lookups, the Otsu threshold from colour counts and the red-is-largest
+    shortcut for the ink hue give the masks of the plain per-pixel computation, exactly."""
+    from napari_protodiff.core.tissue import TissueParams
+
+    ink_img = np.asarray(Image.open(ink_jpeg).convert("RGB"))
+    he = np.asarray(Image.open(he_png).convert("RGB"))
+    px = _colours()
+    side = int(np.sqrt(len(px)))
+    colours = px[: side * side].reshape(side, side, 3)  # every kind of colour, ties and ramps
+    cases = [(ink_img, TissueParams(), 4.0), (he, TissueParams(), 8.0), (colours, TissueParams(ink_margin_um=0, min_object_um2=0, max_hole_um2=0), 1.0),
+             (ink_img, TissueParams(ink_hue_range=(0.05, 0.95), min_brightness=0.3), 4.0),  # no shortcut
+             (ink_img[::2, ::2], TissueParams(min_saturation=0.2, max_brightness=0.8, ink_margin_um=0), 8.0)]
+    for rgb, p, mpp in cases:
+        tissue, ink = detect_tissue_rgb(rgb, p, mpp)
+        ref_tissue, ref_ink = _reference_detect(rgb, p, mpp)
+        assert ref_tissue.any() and (~ref_tissue).any()
+        np.testing.assert_array_equal(ink, ref_ink)
+        np.testing.assert_array_equal(tissue, ref_tissue)
+    assert _reference_detect(ink_img, TissueParams(), 4.0)[1].any()  # the ink case has ink

@@ -57,10 +57,9 @@ class GridPlan:
 
 
 def cell_fractions(mask: TissueMask, footprint: float, rows: int, cols: int) -> np.ndarray:
-    """Tissue fraction of every grid cell, from a summed-area table of the mask."""
-    m = mask.mask.astype(np.float64)
-    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
-    sat[1:, 1:] = m.cumsum(0).cumsum(1)
+    """Tissue fraction of every grid cell: mask pixels summed over each cell's span
+    (cells that tile the mask are summed band by band, others from a summed-area table)."""
+    m = mask.mask
     d = mask.downsample
     edges_x = np.clip(np.round(np.arange(cols + 1) * footprint / d).astype(int), 0, m.shape[1])
     edges_y = np.clip(np.round(np.arange(rows + 1) * footprint / d).astype(int), 0, m.shape[0])
@@ -70,7 +69,14 @@ def cell_fractions(mask: TissueMask, footprint: float, rows: int, cols: int) -> 
     y1 = np.maximum(y1, y0 + 1)
     x1 = np.minimum(x1, m.shape[1])
     y1 = np.minimum(y1, m.shape[0])
-    s = sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0]
+    if (y1 > y0).all() and (x1 > x0).all() and (y0[1:] == y1[:-1]).all() and (x0[1:] == x1[:-1]).all():
+        # adjacent cells (a cell at least a mask pixel wide): sums over bands of rows, then of columns
+        part = m[y0[0] : y1[-1], x0[0] : x1[-1]]
+        s = np.add.reduceat(np.add.reduceat(part, y0 - y0[0], axis=0, dtype=np.int32), x0 - x0[0], axis=1)
+    else:
+        sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
+        sat[1:, 1:] = m.cumsum(0, dtype=np.int64).cumsum(1)
+        s = sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0]
     area = np.outer(np.maximum(y1 - y0, 1), np.maximum(x1 - x0, 1))
     return (s / area).astype(np.float32)
 

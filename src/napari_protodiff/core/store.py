@@ -212,8 +212,6 @@ def shard_writer(arr) -> Callable[[int, np.ndarray], None] | None:
     lay = _shard_layout(arr)
     if lay is None:
         return None
-    import google_crc32c  # zarr's own CRC-32C for shard indexes
-
     k, n, fill, root, key = lay["k"], lay["n"], lay["fill"], lay["root"], lay["key"]
     encode = _blosc_encoder(lay["blosc"])
 
@@ -221,59 +219,83 @@ def shard_writer(arr) -> Callable[[int, np.ndarray], None] | None:
         pix = _joined(pix)
         arr[start : start + len(pix)] = pix
 
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-
-    def write_all(fd: int, data) -> None:
-        data = memoryview(data)
-        while data:
-            data = data[os.write(fd, data) :]
-
-    def write_shard(s: int, flat: Sequence[np.ndarray]) -> None:
-        # Each chunk is written as soon as it is encoded, while it is still in the CPU's
-        # cache (joining a shard's chunks first costs two more passes over cold memory).
-        index = np.full((k, 2), _NO_CHUNK, dtype="<u8")
-        path = os.path.join(root, key(s // k))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
-        offset = 0
-        fd = os.open(tmp, flags, 0o666)
-        try:
-            for i in range(len(flat)):
-                if _is_fill(flat[i], fill):
-                    continue
-                data = encode(flat[i])
-                write_all(fd, data)
-                index[i] = (offset, len(data))
-                offset += len(data)
-            if offset:
-                index_bytes = index.tobytes()
-                write_all(fd, index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        if not offset:  # every chunk is the fill value: zarr stores no shard
-            os.unlink(tmp)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        os.replace(tmp, path)
-
     def direct(start: int, pix) -> None:
-        # the patches as flat rows, without copying (a list of arrays is not joined)
-        parts = [pix] if isinstance(pix, np.ndarray) else list(pix)
-        rows = [r for part in parts for r in np.ascontiguousarray(part, dtype=np.uint8).reshape(len(part), -1)]
+        rows = patch_rows(pix)
         stop = start + len(rows)
         if start % k or (stop % k and stop != n):  # not whole shards: let zarr merge
-            through_zarr(start, parts)
+            through_zarr(start, pix)
             return
         for s in range(start, stop, k):
-            write_shard(s, rows[s - start : s - start + k])
+            write_shard_file(os.path.join(root, key(s // k)), rows[s - start : s - start + k], k, fill, encode)
 
     return direct
+
+
+def shard_file_spec(arr) -> dict[str, Any] | None:
+    """What writing one shard file of ``arr`` takes without zarr (plain, picklable values), or
+    ``None`` when ``arr`` is not a sharded patch array whose blosc encoding is reproduced
+    exactly: ``{"root", "keys", "k", "n", "fill", "blosc"}`` with ``keys[i]`` shard ``i``'s
+    file under ``root``. Worker processes write with it (:func:`write_shard_file`, after
+    :func:`blosc_compressor`) without importing zarr, which costs them about a second."""
+    lay = _shard_layout(arr)
+    params = None if lay is None else _blosc_params(lay["blosc"])
+    if params is None:
+        return None
+    n_shards = -(-lay["n"] // lay["k"])
+    return {"root": lay["root"], "keys": [lay["key"](i) for i in range(n_shards)], "k": lay["k"], "n": lay["n"],
+            "fill": lay["fill"], "blosc": params}
+
+
+def patch_rows(pix) -> list[np.ndarray]:
+    """Patches (an array, or a list of arrays one after the other) as flat uint8 rows, not copied."""
+    parts = [pix] if isinstance(pix, np.ndarray) else list(pix)
+    return [r for part in parts for r in np.ascontiguousarray(part, dtype=np.uint8).reshape(len(part), -1)]
+
+
+def _write_all(fd: int, data) -> None:
+    data = memoryview(data)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def write_shard_file(path: str, rows: Sequence[np.ndarray], k: int, fill: int, encode: Callable[[np.ndarray], bytes]) -> None:
+    """Write one shard file of a sharded patch array, byte for byte what zarr writes: the
+    encoded chunks that are not all ``fill``, then the (K, 2) little-endian index of
+    (offset, length) pairs and its CRC-32C. The file is written under a temporary name
+    and renamed into place; a shard of fill values only is not stored (an old one is removed)."""
+    import google_crc32c  # zarr's own CRC-32C for shard indexes
+
+    # Each chunk is written as soon as it is encoded, while it is still in the CPU's
+    # cache (joining a shard's chunks first costs two more passes over cold memory).
+    index = np.full((k, 2), _NO_CHUNK, dtype="<u8")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+    offset = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        for i in range(len(rows)):
+            if _is_fill(rows[i], fill):
+                continue
+            data = encode(rows[i])
+            _write_all(fd, data)
+            index[i] = (offset, len(data))
+            offset += len(data)
+        if offset:
+            index_bytes = index.tobytes()
+            _write_all(fd, index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    if not offset:  # every chunk is the fill value: zarr stores no shard
+        os.unlink(tmp)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    os.replace(tmp, path)
 
 
 def shard_reader(arr) -> Callable[[int], np.ndarray] | None:
@@ -320,28 +342,42 @@ def shard_reader(arr) -> Callable[[int], np.ndarray] | None:
     return read
 
 
-def _blosc_encoder(codec) -> Callable[[np.ndarray], bytes]:
-    """``numcodecs.blosc.compress`` with ``codec``'s parameters, called on the patch's own
-    buffer (``codec.encode`` first checks and wraps its input, which costs about a third of
-    LZ4's time on a 256-px patch). The two are compared on a test buffer, and
-    ``codec.encode`` is used if they differ or the parameters are not where expected."""
+def _blosc_params(codec) -> tuple | None:
+    """``(cname, clevel, shuffle, blocksize, typesize)`` of a numcodecs ``Blosc`` when
+    :func:`blosc_compressor` of them encodes exactly as ``codec.encode`` (compared on a
+    test buffer), else ``None``."""
     try:
-        from numcodecs import blosc as nb
-
         cfg = codec.get_config()
-        cname, clevel = cfg["cname"].encode(), int(cfg["clevel"])
-        shuffle, blocksize, typesize = int(cfg["shuffle"]), int(cfg.get("blocksize", 0)), cfg.get("typesize")
-
-        def encode(p: np.ndarray) -> bytes:
-            return nb.compress(p, cname, clevel, shuffle, blocksize, typesize)
-
+        params = (str(cfg["cname"]), int(cfg["clevel"]), int(cfg["shuffle"]), int(cfg.get("blocksize", 0)),
+                  cfg.get("typesize"))
         probe = np.random.default_rng(0).integers(0, 256, 3 * 4096, dtype=np.uint8)
         probe[:4096] = 240
-        if encode(probe) == bytes(codec.encode(probe)):
-            return encode
+        if blosc_compressor(params)(probe) == bytes(codec.encode(probe)):
+            return params
     except Exception:  # pragma: no cover - another numcodecs
         pass
-    return codec.encode
+    return None
+
+
+def blosc_compressor(params: tuple) -> Callable[[np.ndarray], bytes]:
+    """``numcodecs.blosc.compress`` with :func:`_blosc_params`' parameters, called on the
+    patch's own buffer (``codec.encode`` first checks and wraps its input, which costs
+    about a third of LZ4's time on a 256-px patch)."""
+    from numcodecs import blosc as nb
+
+    cname, clevel, shuffle, blocksize, typesize = params
+    cname = cname.encode()
+
+    def encode(p: np.ndarray) -> bytes:
+        return nb.compress(p, cname, clevel, shuffle, blocksize, typesize)
+
+    return encode
+
+
+def _blosc_encoder(codec) -> Callable[[np.ndarray], bytes]:
+    """:func:`blosc_compressor` for ``codec`` when it encodes the same, else ``codec.encode``."""
+    params = _blosc_params(codec)
+    return codec.encode if params is None else blosc_compressor(params)
 
 
 def block_marker(arr) -> Callable[[int], None]:
@@ -378,6 +414,44 @@ def block_marker(arr) -> Callable[[int], None]:
         os.replace(tmp, path)
 
     return mark
+
+
+def blocks_done(arr) -> np.ndarray:
+    """``arr[:] == 1`` for a ``block_done`` array, as bools.
+
+    :func:`block_marker` only ever writes 1s and an unwritten chunk is absent (fill value
+    0, empty chunks not stored), so for this package's layout a block is done exactly when
+    its chunk file exists: one small read a block instead of zarr's ~1 ms a chunk (each
+    distinct file content is still decoded once through zarr). Any other layout is read
+    through zarr.
+    """
+    try:
+        import zarr
+        from zarr.storage import LocalStore
+
+        md = arr.metadata
+        direct = (md.zarr_format == 3 and isinstance(arr.store, LocalStore) and tuple(md.chunk_grid.chunk_shape) == (1,)
+                  and int(md.fill_value) == 0 and not zarr.config.get("array.write_empty_chunks"))
+    except Exception:  # pragma: no cover - another zarr
+        direct = False
+    if direct:
+        root, key = os.path.join(str(arr.store.root), arr.path), md.chunk_key_encoding.encode_chunk_key
+        done = np.zeros(arr.shape[0], dtype=bool)
+        first: dict[bytes, int] = {}  # each distinct chunk file, decoded once through zarr
+        contents = []
+        for b in range(arr.shape[0]):
+            try:
+                with open(os.path.join(root, key((b,))), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                contents.append(None)
+                continue
+            first.setdefault(raw, b)
+            contents.append(raw)
+        value = {raw: int(arr[b]) == 1 for raw, b in first.items()}
+        done[:] = [c is not None and value[c] for c in contents]
+        return done
+    return np.asarray(arr[:]) == 1
 
 
 def patch_reader(arr) -> Callable[[int], np.ndarray]:
@@ -489,7 +563,7 @@ class SlideEntry:
         return np.asarray(self.group["tissue_fraction"][:])
 
     def blocks_done(self) -> np.ndarray:
-        return np.asarray(self.group["block_done"][:]).astype(bool)
+        return blocks_done(self.group["block_done"])
 
 
 class PatchStore:

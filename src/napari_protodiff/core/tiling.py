@@ -24,7 +24,8 @@ from .executor import run_tasks, warm_up
 from .grid import GridPlan, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import Slide, check_mpp_value, open_slide
-from .store import PatchStore, block_marker, patch_writer, slide_id_from_path, versions
+from .store import (PatchStore, block_marker, blosc_compressor, patch_rows, patch_writer, shard_file_spec,
+                    slide_id_from_path, versions, write_shard_file)
 from .tissue import TissueMask, TissueParams, detect_tissue
 
 
@@ -172,7 +173,9 @@ def _check_output(out: Path) -> None:
 
 # -- the unit of parallel work (module level so dask can pickle it) -------------------------
 #: What :func:`tile_block` imports lazily; worker processes fork from a server that has them.
-WORKER_PRELOAD = ("zarr", "numcodecs.blosc", "google_crc32c", "tifffile", "imagecodecs")
+#: Not zarr: a sharded store's shard files are written from a plain spec (zarr's import
+#: alone costs each worker server about a second of CPU, while the slides are planned).
+WORKER_PRELOAD = ("numcodecs.blosc", "google_crc32c", "tifffile", "imagecodecs")
 
 
 @lru_cache(maxsize=8)
@@ -181,11 +184,16 @@ def _worker_slide(path: str, mpp_override: float | None) -> Slide:
 
 
 @lru_cache(maxsize=32)
-def _worker_arrays(store: str, slide_id: str):
+def _worker_patch_writer(store: str, slide_id: str):
     import zarr
 
     g = zarr.open_group(os.path.join(store, "slides", slide_id), mode="r+")
-    return patch_writer(g["patches"]), block_marker(g["block_done"])
+    return patch_writer(g["patches"])
+
+
+@lru_cache(maxsize=8)
+def _compressor(params: tuple):
+    return blosc_compressor(params)
 
 
 def shard_size(cfg: TilingConfig) -> int:
@@ -200,15 +208,19 @@ def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
 
     A store block (a shard) can span several of the grid's spatial blocks; each of those
     parts is read on its own, so a slide read by regions never reads a bounding box
-    that spans the gap between two blocks."""
+    that spans the gap between two blocks. A shard is written straight to its file
+    (``task["shard_file"]``, see :func:`~napari_protodiff.core.store.shard_file_spec`);
+    any other layout through zarr. The caller marks the block done once this returns."""
     slide = _worker_slide(task["path"], task["mpp_override"])
-    write_patches, mark_done = _worker_arrays(task["store"], task["slide_id"])
     s, e = task["start"], task["stop"]
     coords, parts = task["coords"], task["parts"]
     reads = [read_block(slide, task["level"], task["lds"], task["read_size"], task["size"], coords[a:b])
              for a, b in zip(parts[:-1], parts[1:])]
-    write_patches(s, reads)  # the parts in order, not joined
-    mark_done(task["block"])
+    shard = task.get("shard_file")
+    if shard is not None:
+        write_shard_file(shard["path"], patch_rows(reads), shard["k"], shard["fill"], _compressor(tuple(shard["blosc"])))
+    else:
+        _worker_patch_writer(task["store"], task["slide_id"])(s, reads)  # the parts in order, not joined
     return task["slide_id"], task["block"], e - s
 
 
@@ -294,13 +306,21 @@ def tile_slides(
             sp.blocks_todo = list(range(len(sp.block_start) - 1))
 
         # 3. read and write blocks in parallel
-        tasks = [_task(sp, b, out, cfg) for sp in plans for b in sp.blocks_todo]
+        tasks, markers = [], {}
+        for sp in plans:
+            if not sp.blocks_todo:
+                continue
+            g = st.slide(sp.slide_id).group
+            markers[sp.slide_id] = block_marker(g["block_done"])
+            spec = shard_file_spec(g["patches"]) if sp.shard_patches > 1 else None
+            tasks += [_task(sp, b, out, cfg, spec) for b in sp.blocks_todo]
         total = sum(t["stop"] - t["start"] for t in tasks)
         done = 0
         t0 = time.perf_counter()
         yield Progress(0, total, f"tiling {len(tasks)} blocks from {len(plans)} slide(s)")
-        for _sid, _b, n in run_tasks(tile_block, tasks, workers=cfg.workers, scheduler=cfg.scheduler, cancel=cancel,
-                                    preload=WORKER_PRELOAD):
+        for sid, b, n in run_tasks(tile_block, tasks, workers=cfg.workers, scheduler=cfg.scheduler, cancel=cancel,
+                                   preload=WORKER_PRELOAD):
+            markers[sid](b)  # the block's patches are in their files: it counts as done
             done += n
             rate = done / max(1e-9, time.perf_counter() - t0)
             yield Progress(done, total, f"{done}/{total} patches", {"patches_per_second": rate})
@@ -326,7 +346,7 @@ def tile_slides(
         for sp in plans:
             sp.slide.close()
         _worker_slide.cache_clear()
-        _worker_arrays.cache_clear()
+        _worker_patch_writer.cache_clear()
 
     slides_out = []
     for sp in plans:
@@ -373,14 +393,18 @@ def _slide_attrs(sp: SlidePlan, cfg: TilingConfig) -> dict[str, Any]:
     }
 
 
-def _task(sp: SlidePlan, b: int, out: Path, cfg: TilingConfig) -> dict[str, Any]:
+def _task(sp: SlidePlan, b: int, out: Path, cfg: TilingConfig, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     s, e = int(sp.block_start[b]), int(sp.block_start[b + 1])
     # the grid's spatial blocks inside [s, e), as offsets from s: each is read on its own
     inner = sp.grid.block_start[(sp.grid.block_start > s) & (sp.grid.block_start < e)]
     parts = np.r_[0, inner - s, e - s].astype(np.int64)
-    return {
+    task = {
         "path": str(sp.path.resolve()), "mpp_override": cfg.mpp_override, "store": str(out.resolve()),
         "slide_id": sp.slide_id, "block": b, "start": s, "stop": e, "level": sp.grid.level,
         "lds": sp.grid.level_downsample, "read_size": sp.grid.read_size, "size": sp.grid.patch_size,
         "coords": sp.grid.coords[s:e], "parts": parts,
     }
+    if spec is not None and s % spec["k"] == 0 and (e - s == spec["k"] or e == spec["n"]):  # one whole shard
+        task["shard_file"] = {"path": os.path.join(spec["root"], spec["keys"][s // spec["k"]]), "k": spec["k"],
+                              "fill": spec["fill"], "blosc": spec["blosc"]}
+    return task

@@ -189,46 +189,119 @@ def _hue(pixels: np.ndarray) -> np.ndarray:
     return h
 
 
-def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue and ink masks of an RGB uint8 image whose pixels are ``mpp`` µm (or unknown)."""
-    from scipy import ndimage
+@functools.cache
+def _pair_max() -> np.ndarray:
+    """The largest channel of each (max, min) pair code ``max << 8 | min``."""
+    return np.repeat(np.arange(256), 256)
+
+
+def _extremes(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's largest channel (uint8) and its (max, min) pair code ``max << 8 | min`` (uint16)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx = np.maximum(np.maximum(r, g), b)
+    pair = np.minimum(np.minimum(r, g), b).astype(np.uint16)
+    pair |= mx.astype(np.uint16) << 8
+    return mx, pair
+
+
+def _otsu_of_counts(values: np.ndarray, counts: np.ndarray) -> float:
+    """``skimage.filters.threshold_otsu`` of an image whose distinct values are ``values``,
+    each ``counts`` times: the same 256-bin histogram over the image's range (a bin is a
+    function of the value alone) and the same Otsu arithmetic, without the pixels."""
     from skimage import filters
 
+    hist, edges = np.histogram(values, bins=256, range=(values.min(), values.max()), weights=counts)
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    return float(filters.threshold_otsu(hist=(hist, centers)))
+
+
+def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue and ink masks of an RGB uint8 image whose pixels are ``mpp`` µm (or unknown).
+
+    The colour tests (glass, dark, saturation, the Otsu threshold) are the same as on
+    ``skimage.color.rgb2hsv``'s float64 saturation and value, but for a uint8 image they
+    are made once per (max, min) channel pair and looked up (no per-pixel float arrays).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        return _detect_tissue_hsv(rgb, params or TissueParams(), mpp)
     p = params or TissueParams()
-    s, v = _saturation_value(rgb)
+    f, sat = _sv_tables()
+    pmax = _pair_max()
+    mx, pair = _extremes(rgb)
+    glass_v, dark_v = f > p.max_brightness, f < p.min_brightness  # by value, i.e. by the largest channel
+    cand_pair = ~glass_v[pmax] & ~dark_v[pmax]
+    # Otsu on the saturation of non-glass pixels, never below the floor.
+    counts = np.bincount(pair.ravel(), minlength=1 << 16) * cand_pair
+    present = counts > 0
+    values, weights = sat[present], counts[present]
+    thr = p.min_saturation
+    if weights.sum() > 64 and values.max() - values.min() > 1e-3:
+        thr = max(thr, _otsu_of_counts(values, weights) * 0.5)
+    tissue = (cand_pair & (sat > thr))[pair]
+
+    ink = np.zeros_like(tissue)
+    if p.reject_ink:
+        lo, hi = p.ink_hue_range
+        ink = ((sat >= p.ink_min_saturation) & ~glass_v[pmax])[pair]
+        if lo > 1 / 6 and hi < 5 / 6:
+            # A pixel whose red channel is the largest has a hue in [0, 1/6] or [5/6, 1)
+            # (skimage lets green, then blue, override a tie): never pen ink's.
+            ink &= rgb[..., 0] < mx
+        hue = _hue(rgb[ink])  # hue only where it can matter
+        ink[ink] = (hue >= lo) & (hue <= hi)
+        ink |= dark_v[mx]  # black marker and debris
+        ink = _ink_with_margin(ink, p, mpp)
+        tissue &= ~ink
+    return _clean(tissue, ink, p, mpp), ink
+
+
+def _detect_tissue_hsv(rgb: np.ndarray, p: TissueParams, mpp: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`detect_tissue_rgb` for other images (not 8-bit RGB), on skimage's HSV."""
+    from skimage import filters
+
+    hsv = _rgb2hsv(rgb)
+    s, v = hsv[..., 1], hsv[..., 2]
     glass = v > p.max_brightness
     dark = v < p.min_brightness
     cand = ~glass & ~dark
-    # Otsu on saturation of non-glass pixels, never below the floor.
     vals = s[cand]
     thr = p.min_saturation
     if vals.size > 64 and np.ptp(vals) > 1e-3:
         thr = max(thr, float(filters.threshold_otsu(vals)) * 0.5)
     tissue = cand & (s > thr)
-
     ink = np.zeros_like(tissue)
     if p.reject_ink:
         lo, hi = p.ink_hue_range
         ink = (s >= p.ink_min_saturation) & ~glass
-        hue = _hue(np.asarray(rgb)[ink])  # hue only where it can matter
-        ink[ink] = (hue >= lo) & (hue <= hi)
-        ink |= dark  # black marker and debris
-        small_ink = _px_area(2000.0, mpp, 16)
-        ink = _remove_small(ink, small_ink)
-        if mpp is not None and p.ink_margin_um > 0:
-            r = int(round(p.ink_margin_um / mpp))
-            if r > 0 and ink.any():  # (no ink: nothing to dilate)
-                ink = ndimage.distance_transform_edt(~ink) <= r  # a disk-shaped dilation, fast for any r
+        ink[ink] = (hsv[..., 0][ink] >= lo) & (hsv[..., 0][ink] <= hi)
+        ink |= dark
+        ink = _ink_with_margin(ink, p, mpp)
         tissue &= ~ink
+    return _clean(tissue, ink, p, mpp), ink
 
+
+def _ink_with_margin(ink: np.ndarray, p: TissueParams, mpp: float | None) -> np.ndarray:
+    """Ink without specks, grown by ``p.ink_margin_um``."""
+    from scipy import ndimage
+
+    ink = _remove_small(ink, _px_area(2000.0, mpp, 16))
+    if mpp is not None and p.ink_margin_um > 0:
+        r = int(round(p.ink_margin_um / mpp))
+        if r > 0 and ink.any():  # (no ink: nothing to dilate)
+            ink = ndimage.distance_transform_edt(~ink) <= r  # a disk-shaped dilation, fast for any r
+    return ink
+
+
+def _clean(tissue: np.ndarray, ink: np.ndarray, p: TissueParams, mpp: float | None) -> np.ndarray:
+    """Close, fill small holes, keep ink out, drop specks."""
     min_obj = _px_area(p.min_object_um2, mpp, max(16, tissue.size // 20000))
     max_hole = _px_area(p.max_hole_um2, mpp, max(4, tissue.size // 100000))
     tissue = _close_cross(tissue)
     tissue = _fill_holes(tissue, max_hole)
     if p.reject_ink:
         tissue &= ~ink
-    tissue = _remove_small(tissue, min_obj)
-    return tissue, ink
+    return _remove_small(tissue, min_obj)
 
 
 def mask_downsample(slide: Slide, params: TissueParams) -> float:
