@@ -151,6 +151,61 @@ def test_killed_process_resumes(tmp_path, cmu_svs):
         np.testing.assert_array_equal(a, b)
 
 
+def test_tiling_does_not_wait_for_the_content_hash(tmp_path, cmu_svs, monkeypatch):
+    """Into a store that cannot hold the slide yet, blocks are tiled while the hash is still
+    being computed; the hash is recorded before the slide is marked complete."""
+    import threading
+
+    from napari_protodiff.core.slide import Slide, file_hash
+
+    gate, real = threading.Event(), Slide.content_hash
+    monkeypatch.setattr(Slide, "content_hash", lambda self: (gate.wait(60), real(self))[1])
+    store = tmp_path / "h.zarr"
+    blocks_before_hash = 0
+    for ev in tile_slides([str(cmu_svs)], store, TilingConfig(size=64, mpp=1.0, min_tissue=0.3, block_px=256)):
+        if ev.step > 0 and not gate.is_set():
+            blocks_before_hash += 1
+            assert PatchStore(store).slide("CMU-1-Small-Region").attrs["content_hash"] is None
+            if blocks_before_hash == 2:
+                gate.set()
+    assert blocks_before_hash == 2
+    (e,) = PatchStore(store).slides()
+    assert e.attrs["content_hash"] == file_hash(cmu_svs)
+    assert e.attrs["content_bytes"] == os.path.getsize(cmu_svs)
+
+
+def _forget_hash(store, slide_id):
+    st = PatchStore(store, mode="r+")
+    st.set_slide_attrs(slide_id, content_hash=None)
+
+
+def test_partial_slide_without_a_hash_resumes_if_the_file_is_unchanged(tmp_path, cmu_svs):
+    """A run stopped before the hash was recorded: the same unchanged file (path, size,
+    modification time) resumes; once the file has changed, the partial slide is dropped."""
+    import shutil
+
+    kw = dict(size=64, mpp=1.0, min_tissue=0.3, block_px=256)
+    slide = tmp_path / "slide.svs"
+    shutil.copy(cmu_svs, slide)
+    _tile([slide], tmp_path / "full.zarr", **kw)
+    _partial(tmp_path / "part.zarr", slide, 3, **kw)
+    _forget_hash(tmp_path / "part.zarr", "slide")
+    r = _tile([slide], tmp_path / "part.zarr", **kw)
+    assert r.slides[0]["action"] == "resume" and 0 < r.patches_written < r.slides[0]["n_patches"]
+    (e,) = PatchStore(tmp_path / "part.zarr").slides(complete_only=False)
+    assert e.complete and e.attrs["content_hash"] == PatchStore(tmp_path / "full.zarr").slides()[0].attrs["content_hash"]
+    for a, b in zip(_store_arrays(tmp_path / "full.zarr")["slide"], _store_arrays(tmp_path / "part.zarr")["slide"]):
+        np.testing.assert_array_equal(a, b)
+
+    _partial(tmp_path / "p2.zarr", slide, 3, **kw)
+    _forget_hash(tmp_path / "p2.zarr", "slide")
+    st = os.stat(slide)
+    os.utime(slide, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed since
+    r = _tile([slide], tmp_path / "p2.zarr", **kw)
+    assert r.slides[0]["action"] == "new" and r.patches_written == r.slides[0]["n_patches"]
+    assert [e.slide_id for e in PatchStore(tmp_path / "p2.zarr").slides(complete_only=False)] == ["slide"]
+
+
 def test_threads_equal_serial(tmp_path, cmu_svs, pyramid_tiff):
     kw = dict(size=64, mpp=1.0, block_px=256, mpp_override=None)
     _tile([cmu_svs], tmp_path / "serial.zarr", **kw)

@@ -272,9 +272,16 @@ class Slide:
     def content_hash(self) -> str:
         return file_hash(self.path)
 
+    def content_stat(self) -> tuple[int, int]:
+        """(bytes, latest modification time in ns) of the files :meth:`content_hash` covers:
+        equal content has equal size, and an unchanged file keeps its size and time."""
+        stats = [f.stat() for f in slide_files(self.path)[1]]
+        return sum(st.st_size for st in stats), max(st.st_mtime_ns for st in stats)
 
-def file_hash(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    """SHA-256 of a slide's bytes (for a folder or MIRAX slide, of all its files)."""
+
+def slide_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """(base, files): every file a slide's content is in (for a folder or MIRAX slide, all of
+    them; for a DICOM instance, every instance of its series folder), names relative to base."""
     p = Path(path)
     files = [p]
     if p.is_dir():
@@ -284,6 +291,12 @@ def file_hash(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
         p = p.parent
     elif p.suffix.lower() == ".mrxs" and p.with_suffix("").is_dir():
         files += sorted(f for f in p.with_suffix("").rglob("*") if f.is_file())
+    return p, files
+
+
+def file_hash(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    """SHA-256 of a slide's bytes (for a folder or MIRAX slide, of all its files)."""
+    p, files = slide_files(path)
     h = hashlib.sha256()
     for f in files:
         if f != p:

@@ -694,6 +694,11 @@ class PatchStore:
         g = e.group
         g.attrs["protodiff"] = dict(e.attrs, status="complete", finished=now())
 
+    def set_slide_attrs(self, slide_id: str, **updates: Any) -> None:
+        """Update a slide's provenance attributes."""
+        e = self.slide(slide_id)
+        e.group.attrs["protodiff"] = dict(e.attrs, **updates)
+
     def remove_slide(self, slide_id: str) -> None:
         if slide_id in self.slide_ids:
             self._set_meta(slides=[s for s in self.slide_ids if s != slide_id])

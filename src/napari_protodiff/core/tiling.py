@@ -69,12 +69,25 @@ class SlidePlan:
     path: Path
     slide: Slide
     slide_id: str
-    content_hash: str
+    hashing: "_Hashing"
     tissue: TissueMask
     grid: GridPlan
     action: str = "new"  # new | resume | skip | overwrite
     blocks_todo: list[int] = field(default_factory=list)
     shard_patches: int = 1
+    content_hash: str | None = None
+    """Known once it was needed or the hash finished (before the slide is marked complete)."""
+    hash_recorded: bool = False
+
+    @property
+    def fingerprint(self) -> tuple[int, tuple[int, int]]:
+        """(content bytes, dimensions): equal for equal content, so a cheap pre-check of the hash."""
+        return self.hashing.nbytes, tuple(self.slide.info.dimensions)
+
+    def wait_hash(self) -> str:
+        if self.content_hash is None:
+            self.content_hash = self.hashing.result()
+        return self.content_hash
 
     @property
     def block_start(self) -> np.ndarray:
@@ -122,33 +135,47 @@ def _tissue_and_grid(slide: Slide, config: TilingConfig) -> tuple[TissueMask, Gr
     return mask, grid
 
 
-def _plan_and_hash(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, TissueMask, GridPlan, str]:
-    """:func:`plan_slide` and the slide's content hash; the hash (reading the whole file,
-    GIL-free) runs in a thread while tissue is detected. A planning error is raised as is,
-    without waiting for the hash (a daemon thread: it never holds up the exit)."""
-    import threading
+class _Hashing:
+    """A slide's content hash computed in a thread (reading the whole file, GIL-free), so that
+    it overlaps tissue detection and, when no decision needs it, the tiling itself (a slow
+    or remote file does not hold up the start). A daemon thread: it never holds up the exit."""
 
+    def __init__(self, slide: Slide) -> None:
+        import threading
+
+        self.nbytes, self.mtime_ns = slide.content_stat()
+        self._out: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(slide,), name="protodiff-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self, slide: Slide) -> None:
+        try:
+            self._out["hash"] = slide.content_hash()
+        except BaseException as exc:  # raised in the caller
+            self._out["error"] = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> str:
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["hash"]
+
+
+def _plan_and_hash(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, TissueMask, GridPlan, _Hashing]:
+    """:func:`plan_slide`, with the slide's content hash started in a thread beside it. A
+    planning error is raised as is, without waiting for the hash."""
     slide = open_slide(path, mpp_override=config.mpp_override)
     slide.require_mpp()
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["hash"] = slide.content_hash()
-        except BaseException as exc:  # raised in the caller
-            out["error"] = exc
-
-    th = threading.Thread(target=run, name="protodiff-hash", daemon=True)
-    th.start()
     try:
+        hashing = _Hashing(slide)
         mask, grid = _tissue_and_grid(slide, config)
     except BaseException:
         slide.close()
         raise
-    th.join()
-    if "error" in out:
-        raise out["error"]
-    return slide, mask, grid, out["hash"]
+    return slide, mask, grid, hashing
 
 
 def _check_output(out: Path) -> None:
@@ -245,17 +272,19 @@ def tile_slides(
 
     # 1. plan every slide before writing anything
     plans: list[SlidePlan] = []
-    seen: dict[str, Path] = {}
     k = shard_size(cfg)
     for i, p in enumerate(paths):
         if cancel is not None:
             cancel.raise_if_cancelled()
         yield Progress(0, 0, f"planning {Path(p).name} ({i + 1}/{len(paths)})")
-        slide, mask, grid, h = _plan_and_hash(p, cfg)
-        if h in seen:
-            raise SlideError(f"{p}: the same slide as {seen[h]} (identical content) is given twice.")
-        seen[h] = Path(p)
-        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), h, mask, grid, shard_patches=k))
+        slide, mask, grid, hashing = _plan_and_hash(p, cfg)
+        plans.append(SlidePlan(Path(p), slide, slide_id_from_path(p), hashing, mask, grid, shard_patches=k))
+    # The same slide given twice? Only slides of equal size and dimensions can be: their
+    # hashes are compared now; any other slide's hash is not waited for.
+    for i, sp in enumerate(plans):
+        for other in plans[:i]:
+            if sp.fingerprint == other.fingerprint and sp.wait_hash() == other.wait_hash():
+                raise SlideError(f"{sp.path}: the same slide as {other.path} (identical content) is given twice.")
 
     # 2. decide what to do with the store and each slide
     created = False
@@ -277,7 +306,9 @@ def tile_slides(
     new_ids: list[str] = []
     try:
         for sp in plans:
-            existing = st.find_by_hash(sp.content_hash)
+            existing = None
+            if _may_be_in_store(st, sp):
+                existing = st.find_by_hash(sp.wait_hash()) or _unhashed_partial(st, sp)
             if existing is not None and existing.complete and not cfg.overwrite:
                 sp.action, sp.slide_id = "skip", existing.slide_id
                 continue
@@ -322,9 +353,11 @@ def tile_slides(
                                    preload=WORKER_PRELOAD):
             markers[sid](b)  # the block's patches are in their files: it counts as done
             done += n
+            _record_hashes(st, plans, wait=False)
             rate = done / max(1e-9, time.perf_counter() - t0)
             yield Progress(done, total, f"{done}/{total} patches", {"patches_per_second": rate})
         seconds = time.perf_counter() - t0
+        _record_hashes(st, plans, wait=True)
         for sp in plans:
             if sp.action != "skip":
                 st.mark_complete(sp.slide_id)
@@ -358,6 +391,46 @@ def tile_slides(
     return TilingResult(str(out), slides_out, seconds, done)
 
 
+def _may_be_in_store(st: PatchStore, sp: SlidePlan) -> bool:
+    """Could a slide of the store (complete or not) have ``sp``'s content? Only one of the
+    same dimensions and, where recorded, the same size; otherwise its hash is not needed."""
+    nbytes, dims = sp.fingerprint
+    for e in st.slides(complete_only=False):
+        a = e.attrs
+        if tuple(a.get("dimensions") or ()) == dims and a.get("content_bytes", nbytes) == nbytes:
+            return True
+    return False
+
+
+def _unhashed_partial(st: PatchStore, sp: SlidePlan):
+    """A run stopped before its slide's hash was recorded (the hash is written once known,
+    while the patches are) leaves a partial slide that no hash can match. It is this slide's
+    if it was read from the same path, with the same size and modification time: resume it.
+    A partial slide of this path whose file has changed since is dropped."""
+    found = None
+    for e in st.slides(complete_only=False):
+        a = e.attrs
+        if e.complete or a.get("content_hash") is not None or a.get("path") != str(sp.path.resolve()):
+            continue
+        if found is None and a.get("content_bytes") == sp.hashing.nbytes and a.get("content_mtime_ns") == sp.hashing.mtime_ns:
+            found = e
+        else:
+            st.remove_slide(e.slide_id)
+    return found
+
+
+def _record_hashes(st: PatchStore, plans: list[SlidePlan], wait: bool) -> None:
+    """Write each new slide's content hash into its attributes once it is known (``wait``:
+    wait for it; a slide is marked complete only after)."""
+    for sp in plans:
+        if sp.action == "skip" or sp.hash_recorded:
+            continue
+        if sp.content_hash is None and not (wait or sp.hashing.done()):
+            continue
+        st.set_slide_attrs(sp.slide_id, content_hash=sp.wait_hash())
+        sp.hash_recorded = True
+
+
 def _grid_key(sp: SlidePlan, cfg: TilingConfig) -> str:
     g = sp.grid
     key = f"{cfg.size}|{cfg.mpp}|{cfg.min_tissue}|{g.level}|{g.read_size}|{g.n_patches}|{g.n_blocks}|{cfg.block_px}"
@@ -369,6 +442,8 @@ def _slide_attrs(sp: SlidePlan, cfg: TilingConfig) -> dict[str, Any]:
     return {
         "path": str(sp.path.resolve()),
         "content_hash": sp.content_hash,
+        "content_bytes": sp.hashing.nbytes,
+        "content_mtime_ns": sp.hashing.mtime_ns,
         "backend": info.backend,
         "vendor": info.vendor,
         "dimensions": list(info.dimensions),
