@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -143,6 +144,53 @@ def test_local_workers_processes_and_threads(processes):
 
     warm_up(_square, workers=2, processes=processes)
     assert sorted(run_tasks(_square, list(range(20)), workers=2, processes=processes)) == [i * i for i in range(20)]
+
+
+_FORK_PROBE = """
+import os, sys, threading
+from napari_protodiff.core import executor
+
+def where(_):
+    return os.getppid(), "protodiff_marker" in sys.modules
+
+if __name__ == "__main__":
+    sys.modules["protodiff_marker"] = sys  # only in this process: a forked worker has it too
+    if sys.argv[1] == "thread":
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()
+    executor.warm_up(where, workers=2)
+    warm = 2 in executor._WARM
+    if sys.argv[1] == "unused":
+        pids = [p.pid for p in executor._WARM[2]._processes.values()]
+        executor.release_warm()
+        print(warm, not executor._WARM, all(not os.path.exists(f"/proc/{p}") or
+              open(f"/proc/{p}/stat").read().split()[2] == "Z" for p in pids))
+    else:
+        out = set(executor.run_tasks(where, list(range(8)), workers=2))
+        print(warm, all(ppid == os.getpid() for ppid, _ in out), all(m for _, m in out), not executor._WARM)
+    if sys.argv[1] == "thread":
+        stop.set()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_workers_fork_from_a_single_threaded_process_and_not_from_one_with_threads(tmp_path):
+    """No other thread: warm_up forks the workers at once, and they have what the process
+    imported; a process with a thread gets fork-server workers (children of the server, not
+    of the process); workers started for tasks that never come are shut down."""
+    import subprocess
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(_FORK_PROBE)
+
+    def run(mode):
+        p = subprocess.run([sys.executable, str(probe), mode], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
+
+    assert run("plain") == ["True", "True", "True", "True"]
+    assert run("thread") == ["False", "False", "False", "True"]
+    assert run("unused") == ["True", "True", "True"]
 
 
 def test_cancel_stops_worker_processes():

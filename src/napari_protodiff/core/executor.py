@@ -1,10 +1,11 @@
 """Run independent tasks with dask and report each completion.
 
 * ``workers <= 1`` and no scheduler: in this process, one task after another.
-* ``workers > 1``: worker processes by default (started from a clean fork server that
-  has already imported the task's module, so they start warm and safely even from a
-  process with threads, such as napari); ``processes=False``: dask's local threaded
-  scheduler. Tiling is mostly GIL-free (JPEG decoding, compression, file writes), but
+* ``workers > 1``: worker processes by default: forked by :func:`warm_up` when this
+  process runs no other Python thread (a script, the CLI: they start at once with what
+  it has imported), else started from a clean fork server that has already imported
+  the task's module (so they start warm and safely even from a process with threads,
+  such as napari); ``processes=False``: dask's local threaded scheduler. Tiling is mostly GIL-free (JPEG decoding, compression, file writes), but
   on a busy machine threads still stall each other on the GIL whenever the one holding
   it is descheduled; processes do not.
 * ``scheduler="tcp://host:port"``: an existing dask.distributed cluster (its workers
@@ -68,11 +69,57 @@ def _process_context(fn, preload: Sequence[str] = ()):
     return ctx
 
 
+#: Worker pools forked by :func:`warm_up`, waiting for :func:`run_tasks` (by worker count).
+_WARM: dict[int, Any] = {}
+
+
+def _can_fork() -> bool:
+    """Can worker processes be forked from this process right now? Only on Linux and only
+    while this process runs no other Python thread: a fork copies every lock, held or not,
+    but only the forking thread. (Native threads of numerical libraries, such as OpenBLAS's
+    pool, reset themselves in the child.)"""
+    import multiprocessing as mp
+    import sys
+
+    return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods() and threading.active_count() == 1
+
+
 def warm_up(fn: Callable[[Any], Any], workers: int = 1, scheduler: str | None = None,
             processes: bool | None = None, preload: Sequence[str] = ()) -> None:
-    """Start what :func:`run_tasks` with these arguments will need (the fork server and
-    its imports) now, in the background, so that it overlaps the caller's own set-up."""
+    """Start what :func:`run_tasks` with these arguments will need, now, so that it overlaps
+    the caller's own set-up (the next :func:`run_tasks` with as many workers uses it).
+
+    In a process with no other Python thread (a script, the CLI) the workers are forked now:
+    they start at once with everything this process has imported. Otherwise (napari, or
+    any process with threads) the fork server is started in the background, with ``fn``'s
+    module and ``preload`` imported once, and the workers fork from it when the tasks come.
+    Call :func:`release_warm` if the tasks never come."""
     if workers <= 1 or scheduler or processes is False:
+        return
+    if _can_fork() and workers not in _WARM:
+        import importlib
+        import multiprocessing as mp
+        import sys
+        import warnings
+        from concurrent.futures import ProcessPoolExecutor
+
+        for m in preload:  # imported once, here, instead of in every worker
+            try:
+                importlib.import_module(m)
+            except ImportError:
+                pass
+
+        for stream in (sys.stdout, sys.stderr):  # what a child flushes at its exit must not be printed twice
+            try:
+                stream.flush()
+            except Exception:  # pragma: no cover - a closed or odd stream
+                pass
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about any other OS thread (OpenBLAS's, see _can_fork)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pool.submit(int).result()  # a fork pool starts all its workers at the first task
+        _WARM[workers] = pool
         return
     ctx = _process_context(fn, preload)
     if ctx.get_start_method() == "forkserver":
@@ -84,15 +131,23 @@ def warm_up(fn: Callable[[Any], Any], workers: int = 1, scheduler: str | None = 
             pass
 
 
+def release_warm() -> None:
+    """Shut down worker pools that :func:`warm_up` started and no :func:`run_tasks` used."""
+    while _WARM:
+        _WARM.popitem()[1].shutdown(wait=True, cancel_futures=True)
+
+
 def _processes(fn, tasks, workers, cancel, preload=()) -> Iterator[Any]:
     """A pool of ``workers`` processes; at most two tasks a worker are queued at a time, so
     a cancel (checked between tasks) stops the run after the tasks already running."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    ctx = _process_context(fn, preload)
     todo = list(tasks)[::-1]
+    pool = _WARM.pop(workers, None)
+    if pool is None:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_process_context(fn, preload))
     running: set = set()
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+    with pool:
         try:
             while todo or running:
                 while todo and len(running) < 2 * workers:

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ProtodiffError, SlideError, StoreError
-from .executor import run_tasks, warm_up
+from .executor import release_warm, run_tasks, warm_up
 from .grid import GridPlan, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import Slide, check_mpp_value, open_slide
@@ -202,7 +202,7 @@ def _check_output(out: Path) -> None:
 #: What :func:`tile_block` imports lazily; worker processes fork from a server that has them.
 #: Not zarr: a sharded store's shard files are written from a plain spec (zarr's import
 #: alone costs each worker server about a second of CPU, while the slides are planned).
-WORKER_PRELOAD = ("numcodecs.blosc", "google_crc32c", "tifffile", "imagecodecs")
+WORKER_PRELOAD = ("numcodecs.blosc", "google_crc32c", "tifffile", "imagecodecs", "openslide")
 
 
 @lru_cache(maxsize=8)
@@ -262,6 +262,13 @@ def tile_slides(
     Returns (``StopIteration.value``) a :class:`TilingResult`. Use
     :func:`napari_protodiff.core.progress.drain` to run it without watching.
     """
+    try:
+        return (yield from _tile_slides(paths, store, config, cancel))
+    finally:
+        release_warm()  # worker processes started for tasks that never came (bad input, nothing to do)
+
+
+def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
     cfg = config or TilingConfig()
     out = Path(store)
     if not paths:
