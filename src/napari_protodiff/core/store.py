@@ -125,7 +125,7 @@ def patch_writer(arr) -> Callable[[int, "np.ndarray | Sequence[np.ndarray]"], No
                     except FileNotFoundError:
                         pass
                     continue
-                data = memoryview(encode(p))
+                data = encode(p)
                 if dfd is not None and "/" not in key:
                     fd = os.open(key, flags, 0o666, dir_fd=dfd)
                 else:
@@ -136,8 +136,7 @@ def patch_writer(arr) -> Callable[[int, "np.ndarray | Sequence[np.ndarray]"], No
                         made.add(folder)
                     fd = os.open(path, flags, 0o666)
                 try:
-                    while data:
-                        data = data[os.write(fd, data) :]
+                    _write_all(fd, data)
                 finally:
                     os.close(fd)
         finally:

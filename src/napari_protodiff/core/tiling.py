@@ -1,9 +1,10 @@
 """Tile slides into a patch store: plan (tissue + grid), then read and write blocks in parallel.
 
 Everything that can fail on bad input (opening, pixel size, tissue, grid) is checked
-for *all* slides before anything is written. Each block of patches is written with
-one zarr call and then marked done, so an interrupted run resumes exactly where it
-stopped: no patch duplicated, none missing.
+for *all* slides before anything is written. Each block of patches is written by one
+task (a whole shard file, or one zarr call) and marked done by this process once the
+task has returned, so an interrupted run resumes exactly where it stopped: no patch
+duplicated, none missing.
 """
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ def _check_output(out: Path) -> None:
 
 
 # -- the unit of parallel work (module level so dask can pickle it) -------------------------
-#: What :func:`tile_block` imports lazily; worker processes fork from a server that has them.
-#: Not zarr: a sharded store's shard files are written from a plain spec (zarr's import
+#: What :func:`tile_block` imports lazily, imported once before the workers start (by the
+#: process they fork from, see :func:`~napari_protodiff.core.executor.warm_up`). Not zarr: a sharded store's shard files are written from a plain spec (zarr's import
 #: alone costs each worker server about a second of CPU, while the slides are planned).
 WORKER_PRELOAD = ("numcodecs.blosc", "google_crc32c", "tifffile", "imagecodecs", "openslide")
 
