@@ -314,9 +314,7 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
     new_ids: list[str] = []
     try:
         for sp in plans:
-            existing = None
-            if _may_be_in_store(st, sp):
-                existing = st.find_by_hash(sp.wait_hash()) or _unhashed_partial(st, sp)
+            existing = _in_store(st, sp)
             if existing is not None and existing.complete and not cfg.overwrite:
                 sp.action, sp.slide_id = "skip", existing.slide_id
                 continue
@@ -399,28 +397,31 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
     return TilingResult(str(out), slides_out, seconds, done)
 
 
-def _may_be_in_store(st: PatchStore, sp: SlidePlan) -> bool:
-    """Could a slide of the store (complete or not) have ``sp``'s content? Only one of the
-    same dimensions and, where recorded, the same size; otherwise its hash is not needed."""
+def _in_store(st: PatchStore, sp: SlidePlan):
+    """The store's slide (complete or not) with ``sp``'s content, or ``None``; each slide's
+    attributes are read once.
+
+    Only a slide of the same dimensions and, where recorded, the same size can have it:
+    with none, ``sp``'s hash is not waited for. A run stopped before its slide's hash was
+    recorded (the hash is written once known, while the patches are) leaves a partial
+    slide that no hash can match: it is this slide's if it was read from the same path,
+    with the same size and modification time, and is resumed; a partial slide of this
+    path whose file has changed since is dropped."""
     nbytes, dims = sp.fingerprint
-    for e in st.slides(complete_only=False):
-        a = e.attrs
-        if tuple(a.get("dimensions") or ()) == dims and a.get("content_bytes", nbytes) == nbytes:
-            return True
-    return False
-
-
-def _unhashed_partial(st: PatchStore, sp: SlidePlan):
-    """A run stopped before its slide's hash was recorded (the hash is written once known,
-    while the patches are) leaves a partial slide that no hash can match. It is this slide's
-    if it was read from the same path, with the same size and modification time: resume it.
-    A partial slide of this path whose file has changed since is dropped."""
+    entries = [(e, e.attrs) for e in st.slides(complete_only=False)]
+    same = [(e, a) for e, a in entries
+            if tuple(a.get("dimensions") or ()) == dims and a.get("content_bytes", nbytes) == nbytes]
+    if not same:
+        return None
+    h = sp.wait_hash()
+    for e, a in same:
+        if a.get("content_hash") == h:
+            return e
     found = None
-    for e in st.slides(complete_only=False):
-        a = e.attrs
-        if e.complete or a.get("content_hash") is not None or a.get("path") != str(sp.path.resolve()):
+    for e, a in entries:
+        if a.get("status") == "complete" or a.get("content_hash") is not None or a.get("path") != str(sp.path.resolve()):
             continue
-        if found is None and a.get("content_bytes") == sp.hashing.nbytes and a.get("content_mtime_ns") == sp.hashing.mtime_ns:
+        if found is None and a.get("content_bytes") == nbytes and a.get("content_mtime_ns") == sp.hashing.mtime_ns:
             found = e
         else:
             st.remove_slide(e.slide_id)
