@@ -21,7 +21,9 @@ tissue islands, then times in one run, each contender in its own process:
   ``--no-deps`` beside current ones.
 * ``protodiff-w1`` / ``protodiff-w2``: ``protodiff tile SLIDE -o STORE.zarr --size 256
   --mpp 0.5 --min-tissue 0.5 --workers N --json``: tissue detection, grid, content
-  hash, read, and a compressed zarr store written to disk. Each store is synced and
+  hash, read, and a zarr store of raw patches (the default) written to disk.
+* ``protodiff-w2-lz4`` (for reference, not a target): the same with ``--compression lz4``
+  (every store before 2026-11-30). Each store is synced and
   removed after its run, and the next protodiff run waits until 65 s after that removal
   (``--settle``; why: :func:`_settle`).
 
@@ -404,7 +406,7 @@ def run_histolab(path: str, time_limit: float) -> dict:
             "what": what + (f"; stopped after {time_limit:g} s, rate over the patches so far" if partial else "")}
 
 
-def run_protodiff(path: str, workers: int) -> dict:
+def run_protodiff(path: str, workers: int, compression: str = "none") -> dict:
     import contextlib
     import io
 
@@ -420,7 +422,7 @@ def run_protodiff(path: str, workers: int) -> dict:
 
     store = Path(tempfile.mkdtemp(prefix="protodiff-bench-", dir=DATA)) / "patches.zarr"
     args = ["tile", path, "-o", str(store), "--size", str(PATCH), "--mpp", str(MPP), "--min-tissue", str(MIN_TISSUE),
-            "--workers", str(workers), "--json"]
+            "--workers", str(workers), "--compression", compression, "--json"]
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
@@ -434,7 +436,8 @@ def run_protodiff(path: str, workers: int) -> dict:
     # The driver removes the store (see _remove_store: deleting files has a delayed cost).
     return {"patches": out["patches_written"], "seconds": dt, "tiling_seconds": out["seconds"],
             "store_mib": size / 2**20, "store_files": len(files), "store_dir": str(store.parent),
-            "what": f"protodiff tile --workers {workers}: tissue, grid, hash, read, write compressed zarr store"}
+            "what": f"protodiff tile --workers {workers} --compression {compression}: tissue, grid, hash, read, "
+                    f"write zarr store ({'raw patches' if compression == 'none' else compression})"}
 
 
 def _run_contender(name: str, path: str, opts: dict) -> dict:
@@ -449,7 +452,8 @@ def _run_contender(name: str, path: str, opts: dict) -> dict:
     if name == "histolab":
         return run_histolab(path, opts.get("time_limit", 0))
     if name.startswith("protodiff-w"):
-        return run_protodiff(path, int(name[len("protodiff-w"):]))
+        workers, _, compression = name[len("protodiff-w"):].partition("-")
+        return run_protodiff(path, int(workers), compression or "none")
     raise SystemExit(f"unknown contender {name}")
 
 
@@ -572,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     peer = peer_python(args.peer_python, setup=not args.no_setup)
     # protodiff-w1 and -w2 are apart, so that the wait after a store's removal (_settle) is mostly spent running others.
     contenders = [("floor-1p", sys.executable), ("floor-2p", sys.executable), ("protodiff-w1", sys.executable),
-                  ("decode-kept-2p", sys.executable), ("openslide-clam", sys.executable), ("histolab", peer),
-                  ("protodiff-w2", sys.executable)]
+                  ("decode-kept-2p", sys.executable), ("openslide-clam", sys.executable),
+                  ("protodiff-w2-lz4", sys.executable), ("histolab", peer), ("protodiff-w2", sys.executable)]
     if args.only:
         contenders = [c for c in contenders if c[0] in args.only]
     contenders = [c for c in contenders if c[0] not in args.skip]

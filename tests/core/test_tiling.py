@@ -125,6 +125,45 @@ def test_interrupted_slide_resumes_to_the_same_store(tmp_path, cmu_svs):
         np.testing.assert_array_equal(a, b)
 
 
+def _patch_bytes(store, slide_id):
+    root = store / "slides" / slide_id / "patches"
+    return sum(f.stat().st_size for f in root.iterdir() if f.name.startswith("c."))
+
+
+def test_compressions_store_the_same_patches(tmp_path, cmu_svs):
+    """Raw (the default), LZ4 and zstd stores hold the same pixels; raw chunks are the
+    patches' bytes (plus zarr's shard index), and each compression is smaller than the last."""
+    kw = dict(size=128, mpp=1.0, min_tissue=0.3, block_px=512)
+    arrays, sizes = {}, {}
+    for comp in ("none", "lz4", "zstd"):
+        store = tmp_path / f"{comp}.zarr"
+        _tile([cmu_svs], store, **({} if comp == "none" else {"compression": comp}), **kw)
+        (e,) = PatchStore(store).slides()
+        arrays[comp] = _store_arrays(store)["CMU-1-Small-Region"][0]
+        sizes[comp] = _patch_bytes(store, e.slide_id)
+        codecs = str(zarr.open_array(str(store / "slides" / e.slide_id / "patches")).metadata.codecs)
+        assert ("blosc" in codecs.lower()) == (comp != "none")
+        assert e.attrs["params"]["compression"] == comp
+    np.testing.assert_array_equal(arrays["none"], arrays["lz4"])
+    np.testing.assert_array_equal(arrays["none"], arrays["zstd"])
+    n_shards = len(list((tmp_path / "none.zarr" / "slides" / "CMU-1-Small-Region" / "patches").glob("c.*")))
+    k = (512 // 128) ** 2
+    assert sizes["none"] == arrays["none"].nbytes + n_shards * (k * 16 + 4)
+    assert sizes["zstd"] < sizes["lz4"] < sizes["none"]
+
+
+def test_a_resumed_slide_keeps_its_compression(tmp_path, cmu_svs):
+    kw = dict(size=64, mpp=1.0, min_tissue=0.3, block_px=256)
+    _tile([cmu_svs], tmp_path / "full.zarr", **kw)
+    _partial(tmp_path / "part.zarr", cmu_svs, 3, compression="lz4", **kw)
+    r = _tile([cmu_svs], tmp_path / "part.zarr", **kw)  # the default, raw, is asked for
+    assert r.slides[0]["action"] == "resume"
+    arr = zarr.open_array(str(tmp_path / "part.zarr" / "slides" / "CMU-1-Small-Region" / "patches"))
+    assert "lz4" in str(arr.metadata.codecs)
+    np.testing.assert_array_equal(_store_arrays(tmp_path / "full.zarr")["CMU-1-Small-Region"][0],
+                                  _store_arrays(tmp_path / "part.zarr")["CMU-1-Small-Region"][0])
+
+
 def test_killed_process_resumes(tmp_path, cmu_svs):
     """A tiling process killed with SIGKILL mid-run leaves a resumable, not-complete slide."""
     store = tmp_path / "k.zarr"

@@ -22,8 +22,9 @@ from PIL import Image
 from napari_protodiff.core.grid import plan_grid, read_block
 from napari_protodiff.core.slide import open_slide
 from napari_protodiff.core.errors import StoreError
-from napari_protodiff.core.store import (PATCH_CHUNK_KEYS, _codec, block_marker, blocks_done, patch_writer,
-                                        shard_reader)
+from napari_protodiff.core.store import (COMPRESSIONS, PATCH_CHUNK_KEYS, _codec, block_marker, blocks_done,
+                                         patch_compressors, patch_reader, patch_rows, patch_writer, shard_file_spec,
+                                         shard_reader, write_shard_file)
 from napari_protodiff.core.tissue import detect_tissue
 
 
@@ -79,8 +80,9 @@ def _files(root):
     return out
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("keys", [PATCH_CHUNK_KEYS, None])
-def test_patch_writer_writes_what_zarr_writes(tmp_path, jpeg_tiff, keys):
+def test_patch_writer_writes_what_zarr_writes(tmp_path, jpeg_tiff, keys, compression):
     with open_slide(jpeg_tiff) as s:
         pix = s._backend.read_patches(0, np.array([0, 256, 512, 0, 256]), np.array([0, 0, 0, 256, 256]), 256)
     pix[2] = 0  # equal to the fill value: zarr stores no chunk for it
@@ -89,7 +91,7 @@ def test_patch_writer_writes_what_zarr_writes(tmp_path, jpeg_tiff, keys):
         g = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w", zarr_format=3)
         kw = {} if keys is None else {"chunk_key_encoding": keys}
         a = g.create_array("patches", shape=(6, 256, 256, 3), chunks=(1, 256, 256, 3), dtype="uint8",
-                           compressors=[_codec()], fill_value=0, **kw)
+                           compressors=patch_compressors(compression), fill_value=0, **kw)
         if how == "zarr":
             a[0:2], a[2:5] = pix[:2], pix[2:]
         else:
@@ -206,8 +208,9 @@ def test_cancel_stops_worker_processes():
     assert 1 <= len(got) < 50
 
 
+@pytest.mark.parametrize("compression", ["none", "lz4"])
 @pytest.mark.parametrize("fill", [0, 255])
-def test_patch_writer_fill_value_test_looks_at_every_byte(tmp_path, fill):
+def test_patch_writer_fill_value_test_looks_at_every_byte(tmp_path, fill, compression):
     """A patch is left out only if *all* of it equals the fill value (the writer first looks
     at one byte): the same files as zarr's own write, whatever the fill value."""
     rng = np.random.default_rng(0)
@@ -221,7 +224,8 @@ def test_patch_writer_fill_value_test_looks_at_every_byte(tmp_path, fill):
     for how in ("zarr", "direct"):
         g = zarr.open_group(str(tmp_path / f"{how}.zarr"), mode="w", zarr_format=3)
         a = g.create_array("patches", shape=(4, 64, 64, 3), chunks=(1, 64, 64, 3), dtype="uint8",
-                           compressors=[_codec()], fill_value=fill, chunk_key_encoding=PATCH_CHUNK_KEYS)
+                           compressors=patch_compressors(compression), fill_value=fill,
+                           chunk_key_encoding=PATCH_CHUNK_KEYS)
         if how == "zarr":
             a[:] = pix
         else:
@@ -247,13 +251,15 @@ def test_blosc_encoder_gives_the_codec_bytes():
         assert enc(p) == bytes(codec.encode(p.reshape(-1, 3)))
 
 
-def _sharded(root, n, k, s=32, fill=0):
+def _sharded(root, n, k, s=32, fill=0, compression="lz4"):
     g = zarr.open_group(str(root), mode="w", zarr_format=3)
     return g.create_array("patches", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8",
-                          compressors=[_codec()], fill_value=fill, chunk_key_encoding=PATCH_CHUNK_KEYS)
+                          compressors=patch_compressors(compression), fill_value=fill,
+                          chunk_key_encoding=PATCH_CHUNK_KEYS)
 
 
-def test_sharded_patch_writer_writes_what_zarr_writes(tmp_path):
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_sharded_patch_writer_writes_what_zarr_writes(tmp_path, compression):
     """Whole shards (given as one array or as a list of parts), a tail shard, a fill-value
     patch inside a shard, a shard of fill values only (no file), and a write that is not
     shard-aligned (through zarr): the same files as zarr's own writes, read back by
@@ -266,7 +272,7 @@ def test_sharded_patch_writer_writes_what_zarr_writes(tmp_path):
     pix[8:12] = 0  # shard 2: fill values only
     written = {}
     for how in ("zarr", "direct"):
-        a = _sharded(tmp_path / f"{how}.zarr", n, k)
+        a = _sharded(tmp_path / f"{how}.zarr", n, k, compression=compression)
         if how == "zarr":
             a[0:4], a[4:8], a[8:12], a[12:15] = pix[0:4], pix[4:8], pix[8:12], pix[12:15]
         else:
@@ -292,6 +298,49 @@ def test_sharded_patch_writer_writes_what_zarr_writes(tmp_path):
     expect = pix.copy()
     expect[5:7] = pix[0:2]
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct.zarr" / "patches"))[:], expect)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_worker_shard_files_are_what_zarr_writes(tmp_path, compression):
+    """A worker's shard file (``shard_file_spec`` + ``write_shard_file``, no zarr) is the
+    file zarr writes, for every compression; raw patches are stored as their own bytes."""
+    from napari_protodiff.core.tiling import _compressor
+
+    rng = np.random.default_rng(2)
+    n, k = 10, 4
+    pix = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    pix[:, :20] = 236
+    pix[5] = 0  # a fill patch: no chunk
+    written = {}
+    for how in ("zarr", "worker"):
+        a = _sharded(tmp_path / f"{how}.zarr", n, k, compression=compression)
+        if how == "zarr":
+            for s0 in range(0, n, k):
+                a[s0 : s0 + k] = pix[s0 : s0 + k]
+        else:
+            spec = shard_file_spec(a)
+            assert spec is not None and (spec["blosc"] == "raw") == (compression == "none")
+            encode = _compressor(spec["blosc"] if isinstance(spec["blosc"], str) else tuple(spec["blosc"]))
+            for i, s0 in enumerate(range(0, n, k)):
+                write_shard_file(os.path.join(spec["root"], spec["keys"][i]), patch_rows(pix[s0 : s0 + k]), k,
+                                 spec["fill"], encode)
+        written[how] = _files(tmp_path / f"{how}.zarr")
+        b = zarr.open_array(str(tmp_path / f"{how}.zarr" / "patches"))
+        np.testing.assert_array_equal(b[:], pix)
+        read = patch_reader(b)
+        for i in range(n):
+            np.testing.assert_array_equal(read(i), pix[i])
+    assert written["zarr"] == written["worker"]
+    shard0 = (tmp_path / "worker.zarr" / "patches" / "c.0.0.0.0").read_bytes()
+    if compression == "none":  # the chunks are the patches' bytes, one after the other
+        assert shard0[: 4 * pix[0].nbytes] == pix[:4].tobytes()
+    else:
+        assert len(shard0) < 4 * pix[0].nbytes
+
+
+def test_unknown_compression_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="unknown patch compression 'gzip'"):
+        patch_compressors("gzip")
 
 
 def test_shard_reader_refuses_a_corrupt_index(tmp_path):

@@ -126,7 +126,8 @@ class SlidesWidget(QWidget):
         box = QGroupBox("Patch store")
         lay = QVBoxLayout(box)
         self.store_edit = path_row(lay, "output folder, e.g. patches.zarr", self._pick_store)
-        self.store_form = ModelForm(TilingConfig, {"overwrite": Row("Re-tile slides already in the store")})
+        self.store_form = ModelForm(TilingConfig, {"compression": Row("Compression"),
+                                                   "overwrite": Row("Re-tile slides already in the store")})
         lay.addWidget(self.store_form)
         row = QHBoxLayout()
         self.tile_button = QPushButton("Tile into store")

@@ -34,13 +34,32 @@ STORE_KIND = "patch-store"
 FORMAT_VERSION = 1
 
 
-def _codec():
-    """Blosc-LZ4 for patches. H&E tissue is close to incompressible without loss (zstd-1
-    saves ~12% on tissue patches, LZ4 ~2%; both save much more on glass), and zstd costs
-    several times LZ4's time, more than decoding the JPEG tile the patch came from."""
+#: Lossless compressions a patch array can be stored with (``TilingConfig.compression``).
+COMPRESSIONS = ("none", "lz4", "zstd")
+
+
+def patch_compressors(compression: str = "none") -> list:
+    """zarr compressors of a patch array. Patches decoded from JPEG-compressed slides are close
+    to incompressible without loss: on 256-px, 0.5 µm/px tissue patches of the real samples
+    LZ4 saves 0.1-9 % (0.10-0.15 ms a patch) and zstd-1 5-19 % (0.5-0.8 ms a patch, more
+    than decoding the JPEG tile the patch came from); see docs/benchmarks.md. So by default
+    patches are stored as raw bytes: tiling writes them without a copy and reading them
+    needs no decoding. ``"lz4"`` (Blosc-LZ4 level 5, the stores before 2026-11-30) and
+    ``"zstd"`` (Blosc-zstd level 1) trade CPU for disk."""
+    if compression == "none":
+        return []
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle)
+    if compression == "lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle)]
+    if compression == "zstd":
+        return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.noshuffle)]
+    raise StoreError(f"unknown patch compression {compression!r}; use one of {', '.join(COMPRESSIONS)}.")
+
+
+def _codec():
+    """The Blosc-LZ4 codec of ``compression="lz4"``."""
+    return patch_compressors("lz4")[0]
 
 
 #: Patch chunks as ``c.<i>.0.0.0`` files in the array's folder: zarr's default ``/``
@@ -80,7 +99,6 @@ def patch_writer(arr) -> Callable[[int, "np.ndarray | Sequence[np.ndarray]"], No
         return sharded
     try:
         import zarr
-        from zarr.codecs import BloscCodec, BytesCodec
         from zarr.storage import LocalStore
 
         md = arr.metadata
@@ -89,14 +107,12 @@ def patch_writer(arr) -> Callable[[int, "np.ndarray | Sequence[np.ndarray]"], No
             and isinstance(arr.store, LocalStore)
             and arr.dtype == np.uint8
             and tuple(md.chunk_grid.chunk_shape) == (1, *arr.shape[1:])
-            and len(md.codecs) == 2
-            and isinstance(md.codecs[0], BytesCodec)
-            and isinstance(md.codecs[1], BloscCodec)
+            and _chunk_codec(md.codecs) is not None
             and not zarr.config.get("array.write_empty_chunks")
         )
         if not ok:
             return through_zarr
-        encode = _blosc_encoder(md.codecs[1]._blosc_codec)  # the numcodecs Blosc zarr itself encodes with
+        encode = _blosc_encoder(_chunk_codec(md.codecs))  # the numcodecs Blosc zarr itself encodes with
         fill = int(md.fill_value)
         chunk_key = md.chunk_key_encoding.encode_chunk_key
         root = os.path.join(str(arr.store.root), arr.path)
@@ -161,6 +177,33 @@ def _is_fill(p: np.ndarray, fill: int) -> bool:
 #: zarr's marker for an absent chunk in a shard index.
 _NO_CHUNK = np.uint64(2**64 - 1)
 
+#: A patch array stored without compression (``bytes`` codec only).
+_RAW = "raw"
+
+
+def _chunk_codec(codecs) -> Any:
+    """The numcodecs ``Blosc`` of a patch chunk's codecs ``bytes`` + ``blosc``, :data:`_RAW`
+    for ``bytes`` alone, ``None`` for anything else."""
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    codecs = tuple(codecs)
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    if len(codecs) == 1:
+        return _RAW
+    if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+        return codecs[1]._blosc_codec
+    return None
+
+
+def _raw_row(p: np.ndarray) -> np.ndarray:
+    """The encoding of an uncompressed chunk: the patch's own bytes (written without a copy)."""
+    return p
+
+
+def _decoder(codec) -> Callable[[bytes], bytes]:
+    return (lambda raw: raw) if codec == _RAW else codec.decode
+
 
 def _shard_layout(arr) -> dict[str, Any] | None:
     """What :func:`shard_writer` and :func:`shard_reader` need, when ``arr`` is a patch array
@@ -169,7 +212,7 @@ def _shard_layout(arr) -> dict[str, Any] | None:
     ``crc32c``) at the end. ``None`` for any other array."""
     try:
         import zarr
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
         from zarr.codecs.sharding import ShardingCodecIndexLocation
         from zarr.storage import LocalStore
 
@@ -184,7 +227,7 @@ def _shard_layout(arr) -> dict[str, Any] | None:
         ok = (
             tuple(sc.chunk_shape) == (1, *arr.shape[1:])
             and shard[1:] == tuple(arr.shape[1:])
-            and len(inner) == 2 and isinstance(inner[0], BytesCodec) and isinstance(inner[1], BloscCodec)
+            and _chunk_codec(inner) is not None
             and len(index) == 2 and isinstance(index[0], BytesCodec) and str(getattr(index[0].endian, "value", ""))
             == "little" and isinstance(index[1], Crc32cCodec)
             and sc.index_location == ShardingCodecIndexLocation.end
@@ -196,7 +239,7 @@ def _shard_layout(arr) -> dict[str, Any] | None:
         return {
             "k": int(shard[0]),
             "n": int(arr.shape[0]),
-            "blosc": inner[1]._blosc_codec,
+            "blosc": _chunk_codec(inner),
             "fill": int(md.fill_value),
             "root": os.path.join(str(arr.store.root), arr.path),
             "key": lambda k: md.chunk_key_encoding.encode_chunk_key((k, *tail)),
@@ -234,10 +277,13 @@ def shard_file_spec(arr) -> dict[str, Any] | None:
     """What writing one shard file of ``arr`` takes without zarr (plain, picklable values), or
     ``None`` when ``arr`` is not a sharded patch array whose blosc encoding is reproduced
     exactly: ``{"root", "keys", "k", "n", "fill", "blosc"}`` with ``keys[i]`` shard ``i``'s
-    file under ``root``. Worker processes write with it (:func:`write_shard_file`, after
+    file under ``root`` and ``blosc`` the parameters of :func:`blosc_compressor` (``"raw"``
+    for an uncompressed array). Worker processes write with it (:func:`write_shard_file`, after
     :func:`blosc_compressor`) without importing zarr, which costs them about a second."""
     lay = _shard_layout(arr)
-    params = None if lay is None else _blosc_params(lay["blosc"])
+    if lay is None:
+        return None
+    params = _RAW if lay["blosc"] == _RAW else _blosc_params(lay["blosc"])
     if params is None:
         return None
     n_shards = -(-lay["n"] // lay["k"])
@@ -308,7 +354,7 @@ def shard_reader(arr) -> Callable[[int], np.ndarray] | None:
     import google_crc32c
 
     k, fill, root, key, shape = lay["k"], lay["fill"], lay["root"], lay["key"], lay["patch_shape"]
-    decode = lay["blosc"].decode
+    decode = _decoder(lay["blosc"])
     nbytes_index = k * 16 + 4
     indexes: dict[int, np.ndarray | None] = {}
 
@@ -358,10 +404,13 @@ def _blosc_params(codec) -> tuple | None:
     return None
 
 
-def blosc_compressor(params: tuple) -> Callable[[np.ndarray], bytes]:
+def blosc_compressor(params: tuple | str) -> Callable[[np.ndarray], Any]:
     """``numcodecs.blosc.compress`` with :func:`_blosc_params`' parameters, called on the
     patch's own buffer (``codec.encode`` first checks and wraps its input, which costs
-    about a third of LZ4's time on a 256-px patch)."""
+    about a third of LZ4's time on a 256-px patch); for an uncompressed array
+    (``params == "raw"``, see :func:`shard_file_spec`) the patch's own bytes."""
+    if params == _RAW:
+        return _raw_row
     from numcodecs import blosc as nb
 
     cname, clevel, shuffle, blocksize, typesize = params
@@ -374,7 +423,10 @@ def blosc_compressor(params: tuple) -> Callable[[np.ndarray], bytes]:
 
 
 def _blosc_encoder(codec) -> Callable[[np.ndarray], bytes]:
-    """:func:`blosc_compressor` for ``codec`` when it encodes the same, else ``codec.encode``."""
+    """:func:`blosc_compressor` for ``codec`` when it encodes the same, else ``codec.encode``
+    (``codec`` :data:`_RAW`: no compression)."""
+    if codec == _RAW:
+        return _raw_row
     params = _blosc_params(codec)
     return codec.encode if params is None else blosc_compressor(params)
 
@@ -464,16 +516,15 @@ def patch_reader(arr) -> Callable[[int], np.ndarray]:
     if sharded is not None:
         return sharded
     try:
-        from zarr.codecs import BloscCodec, BytesCodec
         from zarr.storage import LocalStore
 
         md = arr.metadata
+        codec = _chunk_codec(md.codecs)
         ok = (md.zarr_format == 3 and isinstance(arr.store, LocalStore) and arr.dtype == np.uint8
-              and tuple(md.chunk_grid.chunk_shape) == (1, *arr.shape[1:]) and len(md.codecs) == 2
-              and isinstance(md.codecs[0], BytesCodec) and isinstance(md.codecs[1], BloscCodec))
+              and tuple(md.chunk_grid.chunk_shape) == (1, *arr.shape[1:]) and codec is not None)
         if not ok:
             return through_zarr
-        decode = md.codecs[1]._blosc_codec.decode
+        decode = _decoder(codec)
         key = md.chunk_key_encoding.encode_chunk_key
         root = os.path.join(str(arr.store.root), arr.path)
         shape, fill = tuple(arr.shape[1:]), int(md.fill_value)
@@ -663,18 +714,20 @@ class PatchStore:
 
     # -- slides ----------------------------------------------------------------------
     def add_slide(self, slide_id: str, attrs: dict[str, Any], coords: np.ndarray, tissue_fraction: np.ndarray,
-                  block_start: np.ndarray, shard_patches: int = 1) -> SlideEntry:
+                  block_start: np.ndarray, shard_patches: int = 1, compression: str = "none") -> SlideEntry:
         """Create a slide's group and arrays (status "tiling"); patches are written later.
 
         ``shard_patches`` > 1: the patches (still one chunk each) are kept in shard files
         of that many consecutive patches (zarr sharding): far fewer files, and a whole
-        shard is written at once."""
+        shard is written at once. ``compression``: one of :data:`COMPRESSIONS` (see
+        :func:`patch_compressors`)."""
+        compressors = patch_compressors(compression)  # an unknown name fails before anything is made
         n, s = int(coords.shape[0]), self.patch_size
         g = self.root["slides"].create_group(slide_id)
         g.attrs["protodiff"] = dict(attrs, status="tiling", n_patches=n, started=now())
         shards = None if shard_patches <= 1 else (int(shard_patches), s, s, 3)
         g.create_array("patches", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=shards, dtype="uint8",
-                       compressors=[_codec()], fill_value=0, dimension_names=("patch", "y", "x", "c"),
+                       compressors=compressors, fill_value=0, dimension_names=("patch", "y", "x", "c"),
                        chunk_key_encoding=PATCH_CHUNK_KEYS)
         g.create_array("coords", data=coords.astype(np.int64), chunks=(max(1, min(n, 65536)), 2),
                        dimension_names=("patch", "xy"))

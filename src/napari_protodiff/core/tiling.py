@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -51,6 +51,10 @@ class TilingConfig(BaseModel):
         None, ge=1, le=65536,
         description="Patches per shard file of the store (default: a block's worth, (block_px // size)², at most "
                     f"{MAX_SHARD_PATCHES}; 1: one file per patch). A shard is the unit of parallel work and of resume.")
+    compression: Literal["none", "lz4", "zstd"] = Field(
+        "none", description="Lossless compression of the stored patches: none (raw bytes, fastest to write and read), "
+                            "lz4 (saves 0-9 % on H&E tissue) or zstd (5-19 %, several times slower than decoding "
+                            "the slide). A slide that is resumed keeps the compression it was started with.")
     tissue: TissueParams = Field(default_factory=TissueParams)
 
     @field_validator("mpp")
@@ -220,7 +224,7 @@ def _worker_patch_writer(store: str, slide_id: str):
 
 
 @lru_cache(maxsize=8)
-def _compressor(params: tuple):
+def _compressor(params: tuple | str):
     return blosc_compressor(params)
 
 
@@ -246,7 +250,7 @@ def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
              for a, b in zip(parts[:-1], parts[1:])]
     shard = task.get("shard_file")
     if shard is not None:
-        write_shard_file(shard["path"], patch_rows(reads), shard["k"], shard["fill"], _compressor(tuple(shard["blosc"])))
+        write_shard_file(shard["path"], patch_rows(reads), shard["k"], shard["fill"], _compressor(shard["blosc"] if isinstance(shard["blosc"], str) else tuple(shard["blosc"])))
     else:
         _worker_patch_writer(task["store"], task["slide_id"])(s, reads)  # the parts in order, not joined
     return task["slide_id"], task["block"], e - s
@@ -338,7 +342,7 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
             else:
                 sp.slide_id = st.unique_slide_id(sp.slide_id)
             st.add_slide(sp.slide_id, _slide_attrs(sp, cfg), sp.grid.coords, sp.grid.tissue_fraction,
-                         sp.block_start, shard_patches=sp.shard_patches)
+                         sp.block_start, shard_patches=sp.shard_patches, compression=cfg.compression)
             new_ids.append(sp.slide_id)
             sp.blocks_todo = list(range(len(sp.block_start) - 1))
 

@@ -1,8 +1,8 @@
 """Patches for pretraining: zarr patch stores, the real/synthetic hybrid sampler, the multi-crop dataset.
 
 * :class:`PatchSource` reads patch *i* of a store's complete slides straight from its
-  chunk file (one chunk per patch, Blosc; see docs/patch-store.md), decoding with the
-  same codec zarr uses, without zarr's per-read overhead; any other layout is read
+  chunk file (one chunk per patch, raw or Blosc; see docs/patch-store.md), decoding with
+  the same codec zarr uses, without zarr's per-read overhead; any other layout is read
   through zarr.
 * :class:`HybridSampler` draws a fixed number of images per epoch, ``round(f * n)`` of
   them real and the rest synthetic (``f`` the real fraction), cycling through each
