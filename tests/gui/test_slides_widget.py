@@ -125,6 +125,9 @@ def test_tiling_writes_a_store_in_the_background(slides_widget, cmu_svs, tmp_pat
     w.open_path(cmu_svs)
     store = tmp_path / "patches.zarr"
     w.store_edit.setText(str(store))
+    compression = w.store_form.widgets["compression"]
+    assert compression.currentText() == "none"  # the core's default
+    compression.setCurrentText("zstd")  # the widget's choice reaches the store
     w.tile()
     assert w.busy and w.cancel_button.isEnabled() and not w.tile_button.isEnabled()
     _wait(qtbot, w)
@@ -134,6 +137,7 @@ def test_tiling_writes_a_store_in_the_background(slides_widget, cmu_svs, tmp_pat
     st = PatchStore(store)
     [entry] = st.slides()
     assert entry.complete and entry.n_patches == n and st.patch_size == 256 and st.mpp == 0.5
+    assert entry.attrs["params"]["compression"] == "zstd" and "zstd" in str(entry.group["patches"].metadata.codecs)
     assert f"Wrote {n} patches" in w.status_label.text() and "patches/s" in w.status_label.text()
     assert str(store) in w.status_label.text()
     assert w.progress_bar.value() == w.progress_bar.maximum()
