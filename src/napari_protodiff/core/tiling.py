@@ -354,7 +354,10 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
             g = st.slide(sp.slide_id).group
             markers[sp.slide_id] = block_marker(g["block_done"])
             spec = shard_file_spec(g["patches"]) if sp.shard_patches > 1 else None
-            tasks += [_task(sp, b, out, cfg, spec) for b in sp.blocks_todo]
+            common = {"path": str(sp.path.resolve()), "mpp_override": cfg.mpp_override, "store": str(out.resolve()),
+                      "slide_id": sp.slide_id, "level": sp.grid.level, "lds": sp.grid.level_downsample,
+                      "read_size": sp.grid.read_size, "size": sp.grid.patch_size}  # (paths resolved once a slide)
+            tasks += [_task(sp, b, common, spec) for b in sp.blocks_todo]
         total = sum(t["stop"] - t["start"] for t in tasks)
         done = 0
         t0 = time.perf_counter()
@@ -481,17 +484,14 @@ def _slide_attrs(sp: SlidePlan, cfg: TilingConfig) -> dict[str, Any]:
     }
 
 
-def _task(sp: SlidePlan, b: int, out: Path, cfg: TilingConfig, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+def _task(sp: SlidePlan, b: int, common: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Block ``b`` of ``sp`` as a task for :func:`tile_block`; ``common``: the slide's keys
+    shared by its tasks (path, mpp_override, store, slide_id, level, lds, read_size, size)."""
     s, e = int(sp.block_start[b]), int(sp.block_start[b + 1])
     # the grid's spatial blocks inside [s, e), as offsets from s: each is read on its own
     inner = sp.grid.block_start[(sp.grid.block_start > s) & (sp.grid.block_start < e)]
     parts = np.r_[0, inner - s, e - s].astype(np.int64)
-    task = {
-        "path": str(sp.path.resolve()), "mpp_override": cfg.mpp_override, "store": str(out.resolve()),
-        "slide_id": sp.slide_id, "block": b, "start": s, "stop": e, "level": sp.grid.level,
-        "lds": sp.grid.level_downsample, "read_size": sp.grid.read_size, "size": sp.grid.patch_size,
-        "coords": sp.grid.coords[s:e], "parts": parts,
-    }
+    task = dict(common, block=b, start=s, stop=e, coords=sp.grid.coords[s:e], parts=parts)
     if spec is not None and s % spec["k"] == 0 and (e - s == spec["k"] or e == spec["n"]):  # one whole shard
         task["shard_file"] = {"path": os.path.join(spec["root"], spec["keys"][s // spec["k"]]), "k": spec["k"],
                               "fill": spec["fill"], "blosc": spec["blosc"]}
