@@ -251,6 +251,16 @@ def test_blosc_encoder_gives_the_codec_bytes():
         assert enc(p) == bytes(codec.encode(p.reshape(-1, 3)))
 
 
+def _read_back(root, pix, reader):
+    """The files under ``root``; checks that zarr and ``reader`` read ``pix`` back from its patch array."""
+    b = zarr.open_array(str(root / "patches"))
+    np.testing.assert_array_equal(b[:], pix)
+    read = reader(b)
+    for i in range(len(pix)):
+        np.testing.assert_array_equal(read(i), pix[i])
+    return _files(root)
+
+
 def _sharded(root, n, k, s=32, fill=0, compression="lz4"):
     g = zarr.open_group(str(root), mode="w", zarr_format=3)
     return g.create_array("patches", shape=(n, s, s, 3), chunks=(1, s, s, 3), shards=(k, s, s, 3), dtype="uint8",
@@ -281,12 +291,7 @@ def test_sharded_patch_writer_writes_what_zarr_writes(tmp_path, compression):
             w(0, [pix[0:1], pix[1:3], pix[3:4]])  # parts are not joined first
             w(4, pix[4:12])  # two shards in one call
             w(12, pix[12:15])  # the tail shard (3 of 4 patches)
-        written[how] = _files(tmp_path / f"{how}.zarr")
-        b = zarr.open_array(str(tmp_path / f"{how}.zarr" / "patches"))
-        np.testing.assert_array_equal(b[:], pix)
-        read = shard_reader(b)
-        for i in range(n):
-            np.testing.assert_array_equal(read(i), pix[i])
+        written[how] = _read_back(tmp_path / f"{how}.zarr", pix, shard_reader)
     assert written["zarr"] == written["direct"]
     assert sorted(k for k in written["direct"] if k.startswith("patches/c.")) == [
         "patches/c.0.0.0.0", "patches/c.1.0.0.0", "patches/c.3.0.0.0"]
@@ -320,16 +325,11 @@ def test_worker_shard_files_are_what_zarr_writes(tmp_path, compression):
         else:
             spec = shard_file_spec(a)
             assert spec is not None and (spec["blosc"] == "raw") == (compression == "none")
-            encode = _compressor(spec["blosc"] if isinstance(spec["blosc"], str) else tuple(spec["blosc"]))
+            encode = _compressor(spec["blosc"])
             for i, s0 in enumerate(range(0, n, k)):
                 write_shard_file(os.path.join(spec["root"], spec["keys"][i]), patch_rows(pix[s0 : s0 + k]), k,
                                  spec["fill"], encode)
-        written[how] = _files(tmp_path / f"{how}.zarr")
-        b = zarr.open_array(str(tmp_path / f"{how}.zarr" / "patches"))
-        np.testing.assert_array_equal(b[:], pix)
-        read = patch_reader(b)
-        for i in range(n):
-            np.testing.assert_array_equal(read(i), pix[i])
+        written[how] = _read_back(tmp_path / f"{how}.zarr", pix, patch_reader)
     assert written["zarr"] == written["worker"]
     shard0 = (tmp_path / "worker.zarr" / "patches" / "c.0.0.0.0").read_bytes()
     if compression == "none":  # the chunks are the patches' bytes, one after the other

@@ -71,7 +71,7 @@ def tile(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing dask.distributed scheduler (tcp://host:port)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-tile slides already in the store."),
     shard_patches: Optional[int] = typer.Option(None, "--shard-patches", help="Patches per shard file (default: (2048 // size)², at most 4096; 1: one file per patch)."),
-    compression: str = typer.Option("none", "--compression", help="Lossless compression of the stored patches: none (fastest to write and read), lz4 (saves 0-9 % on H&E) or zstd (5-19 %, slower than decoding the slide)."),
+    compression: str = typer.Option("none", "--compression", help="Lossless compression of the stored patches: none (fastest to write and read), lz4 (saves 0-9 % on H&E) or zstd (5-19 %, for about as much CPU as decoding the slide)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:

@@ -41,8 +41,8 @@ COMPRESSIONS = ("none", "lz4", "zstd")
 def patch_compressors(compression: str = "none") -> list:
     """zarr compressors of a patch array. Patches decoded from JPEG-compressed slides are close
     to incompressible without loss: on 256-px, 0.5 µm/px tissue patches of the real samples
-    LZ4 saves 0.1-9 % (0.10-0.15 ms a patch) and zstd-1 5-19 % (0.5-0.8 ms a patch, more
-    than decoding the JPEG tile the patch came from); see docs/benchmarks.md. So by default
+    LZ4 saves 0.1-9 % (0.08-0.14 ms a patch) and zstd-1 5-19 % (0.4-0.6 ms a patch, about
+    as long as decoding the JPEG tile the patch came from); see docs/benchmarks.md. So by default
     patches are stored as raw bytes: tiling writes them without a copy and reading them
     needs no decoding. ``"lz4"`` (Blosc-LZ4 level 5, the stores before 2026-11-30) and
     ``"zstd"`` (Blosc-zstd level 1) trade CPU for disk."""

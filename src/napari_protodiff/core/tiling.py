@@ -25,7 +25,7 @@ from .executor import release_warm, run_tasks, warm_up
 from .grid import GridPlan, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import Slide, check_mpp_value, open_slide
-from .store import (PatchStore, block_marker, blosc_compressor, patch_rows, patch_writer, shard_file_spec,
+from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_rows, patch_writer, shard_file_spec,
                     slide_id_from_path, versions, write_shard_file)
 from .tissue import TissueMask, TissueParams, detect_tissue
 
@@ -51,10 +51,10 @@ class TilingConfig(BaseModel):
         None, ge=1, le=65536,
         description="Patches per shard file of the store (default: a block's worth, (block_px // size)², at most "
                     f"{MAX_SHARD_PATCHES}; 1: one file per patch). A shard is the unit of parallel work and of resume.")
-    compression: Literal["none", "lz4", "zstd"] = Field(
+    compression: Literal[COMPRESSIONS] = Field(
         "none", description="Lossless compression of the stored patches: none (raw bytes, fastest to write and read), "
-                            "lz4 (saves 0-9 % on H&E tissue) or zstd (5-19 %, several times slower than decoding "
-                            "the slide). A slide that is resumed keeps the compression it was started with.")
+                            "lz4 (saves 0-9 % on H&E tissue) or zstd (5-19 %, for about as much CPU as decoding the "
+                            "slide). A slide that is resumed keeps the compression it was started with.")
     tissue: TissueParams = Field(default_factory=TissueParams)
 
     @field_validator("mpp")
@@ -223,8 +223,14 @@ def _worker_patch_writer(store: str, slide_id: str):
     return patch_writer(g["patches"])
 
 
+def _compressor(params: Sequence | str):
+    """The chunk encoder of a shard spec's ``blosc`` entry (``"raw"``, or Blosc parameters,
+    which may arrive as a list after pickling), made once a process."""
+    return _encoder(params if isinstance(params, str) else tuple(params))
+
+
 @lru_cache(maxsize=8)
-def _compressor(params: tuple | str):
+def _encoder(params: tuple | str):
     return blosc_compressor(params)
 
 
@@ -250,7 +256,7 @@ def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
              for a, b in zip(parts[:-1], parts[1:])]
     shard = task.get("shard_file")
     if shard is not None:
-        write_shard_file(shard["path"], patch_rows(reads), shard["k"], shard["fill"], _compressor(shard["blosc"] if isinstance(shard["blosc"], str) else tuple(shard["blosc"])))
+        write_shard_file(shard["path"], patch_rows(reads), shard["k"], shard["fill"], _compressor(shard["blosc"]))
     else:
         _worker_patch_writer(task["store"], task["slide_id"])(s, reads)  # the parts in order, not joined
     return task["slide_id"], task["block"], e - s
