@@ -22,7 +22,7 @@ from PIL import Image
 from napari_protodiff.core.grid import plan_grid, read_block
 from napari_protodiff.core.slide import open_slide
 from napari_protodiff.core.errors import StoreError
-from napari_protodiff.core.store import (COMPRESSIONS, PATCH_CHUNK_KEYS, _codec, block_marker, blocks_done,
+from napari_protodiff.core.store import (COMPRESSIONS, PATCH_CHUNK_KEYS, block_marker, blocks_done,
                                          patch_compressors, patch_reader, patch_rows, patch_writer, shard_file_spec,
                                          shard_reader, write_shard_file)
 from napari_protodiff.core.tissue import detect_tissue
@@ -242,7 +242,7 @@ def test_patch_writer_fill_value_test_looks_at_every_byte(tmp_path, fill, compre
 def test_blosc_encoder_gives_the_codec_bytes():
     from napari_protodiff.core.store import _blosc_encoder
 
-    codec = _codec()._blosc_codec
+    codec = patch_compressors("lz4")[0]._blosc_codec
     enc = _blosc_encoder(codec)
     assert enc is not codec.encode  # the direct call is in use with this numcodecs
     rng = np.random.default_rng(1)

@@ -57,11 +57,6 @@ def patch_compressors(compression: str = "none") -> list:
     raise StoreError(f"unknown patch compression {compression!r}; use one of {', '.join(COMPRESSIONS)}.")
 
 
-def _codec():
-    """The Blosc-LZ4 codec of ``compression="lz4"``."""
-    return patch_compressors("lz4")[0]
-
-
 #: Patch chunks as ``c.<i>.0.0.0`` files in the array's folder: zarr's default ``/``
 #: separator would make three folders for every patch, which costs more than the write.
 PATCH_CHUNK_KEYS = {"name": "default", "separator": "."}
@@ -281,9 +276,7 @@ def shard_file_spec(arr) -> dict[str, Any] | None:
     for an uncompressed array). Worker processes write with it (:func:`write_shard_file`, after
     :func:`blosc_compressor`) without importing zarr, which costs them about a second."""
     lay = _shard_layout(arr)
-    if lay is None:
-        return None
-    params = _RAW if lay["blosc"] == _RAW else _blosc_params(lay["blosc"])
+    params = None if lay is None else _blosc_params(lay["blosc"])
     if params is None:
         return None
     n_shards = -(-lay["n"] // lay["k"])
@@ -387,10 +380,12 @@ def shard_reader(arr) -> Callable[[int], np.ndarray] | None:
     return read
 
 
-def _blosc_params(codec) -> tuple | None:
+def _blosc_params(codec) -> tuple | str | None:
     """``(cname, clevel, shuffle, blocksize, typesize)`` of a numcodecs ``Blosc`` when
     :func:`blosc_compressor` of them encodes exactly as ``codec.encode`` (compared on a
-    test buffer), else ``None``."""
+    test buffer), else ``None``; :data:`_RAW` for an uncompressed array's ``_RAW``."""
+    if codec == _RAW:
+        return _RAW
     try:
         cfg = codec.get_config()
         params = (str(cfg["cname"]), int(cfg["clevel"]), int(cfg["shuffle"]), int(cfg.get("blocksize", 0)),
@@ -425,8 +420,6 @@ def blosc_compressor(params: tuple | str) -> Callable[[np.ndarray], Any]:
 def _blosc_encoder(codec) -> Callable[[np.ndarray], bytes]:
     """:func:`blosc_compressor` for ``codec`` when it encodes the same, else ``codec.encode``
     (``codec`` :data:`_RAW`: no compression)."""
-    if codec == _RAW:
-        return _raw_row
     params = _blosc_params(codec)
     return codec.encode if params is None else blosc_compressor(params)
 
