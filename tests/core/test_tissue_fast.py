@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from skimage import color
 
-from napari_protodiff.core.tissue import _close_cross, _hue, _rgb2hsv, _saturation_value, detect_tissue_rgb
+from napari_protodiff.core.tissue import _close_cross, _hue, _remove_small, _rgb2hsv, _saturation_value, detect_tissue_rgb
 
 
 def test_rgb2hsv_lookup_equals_skimage(ink_jpeg, he_png):
@@ -60,6 +60,29 @@ def test_closing_with_a_cross_equals_scipys():
         for p in (0.1, 0.5, 0.8, 0.95):
             m = rng.random(shape) < p
             np.testing.assert_array_equal(_close_cross(m), ndimage.binary_closing(m, cross, border_value=0))
+
+
+def test_removing_specks_in_the_bounding_box_equals_labelling_everything():
+    """Labelling only inside the pixels' bounding box, and not at all when there are fewer
+    pixels than the size kept, removes exactly the components a full labelling does."""
+    from skimage import measure
+
+    def plain(m, n):
+        lab = measure.label(m, connectivity=2)
+        keep = np.bincount(lab.ravel()) >= n
+        keep[0] = False
+        return keep[lab]
+
+    rng = np.random.default_rng(2)
+    for shape in ((1, 9), (40, 65), (300, 200)):
+        for p in (0.0005, 0.05, 0.3, 0.6):
+            for box in ((slice(None), slice(None)), (slice(5, 20), slice(30, 60)), (slice(-3, None), slice(0, 4))):
+                m = np.zeros(shape, bool)
+                m[box] = rng.random(m[box].shape) < p
+                for n in (2, 3, 8, 40, int(m.sum()), int(m.sum()) + 1):
+                    out = _remove_small(m, n)
+                    assert out.shape == m.shape and out.dtype == bool
+                    np.testing.assert_array_equal(out, plain(m, n) if m.any() else m)
 
 
 def _reference_detect(rgb, p, mpp):

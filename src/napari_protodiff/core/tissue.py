@@ -60,16 +60,34 @@ class TissueMask:
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
-    """Drop connected components smaller than ``min_px`` pixels (8-connectivity)."""
+    """Drop connected components smaller than ``min_px`` pixels (8-connectivity).
+
+    Components are labelled only inside the bounding box of the mask's pixels (none
+    reaches outside it), and not at all when there are fewer pixels than ``min_px``
+    (no component can be kept): a few pixels of ink cost nothing, not a full labelling."""
     from skimage import measure
 
-    if min_px <= 1 or not mask.any():
+    if min_px <= 1:
         return mask
-    labels = measure.label(mask, connectivity=2)
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return mask
+    if n < min_px:
+        return np.zeros_like(mask)
+    box = _bbox(mask)
+    labels = measure.label(mask[box], connectivity=2)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_px
     keep[0] = False
-    return keep[labels]
+    out = np.zeros_like(mask)
+    out[box] = keep[labels]
+    return out
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice]:
+    """The smallest (rows, columns) slices that hold every True pixel of a non-empty 2-D mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
