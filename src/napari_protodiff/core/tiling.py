@@ -24,7 +24,7 @@ from .errors import ProtodiffError, SlideError, StoreError
 from .executor import release_warm, run_tasks, warm_up
 from .grid import GridPlan, plan_grid, read_block
 from .progress import CancelToken, Progress
-from .slide import Slide, check_mpp_value, open_slide
+from .slide import CONTENT_HASH, Slide, check_mpp_value, hash_algorithm, open_slide
 from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_rows, patch_writer, shard_file_spec,
                     slide_id_from_path, versions, write_shard_file)
 from .tissue import TissueMask, TissueParams, detect_tissue
@@ -82,6 +82,8 @@ class SlidePlan:
     shard_patches: int = 1
     content_hash: str | None = None
     """Known once it was needed or the hash finished (before the slide is marked complete)."""
+    other_hashes: dict[str, str] = field(default_factory=dict)
+    """The slide's hash in older algorithms, computed only to compare with an older store."""
     hash_recorded: bool = False
 
     @property
@@ -93,6 +95,18 @@ class SlidePlan:
         if self.content_hash is None:
             self.content_hash = self.hashing.result()
         return self.content_hash
+
+    def hash_as(self, recorded: str | None) -> str | None:
+        """This slide's hash in the algorithm of a ``recorded`` one (a store from before
+        XXH3 holds SHA-256 hashes), to compare with it; ``None`` for an unknown algorithm."""
+        algo = hash_algorithm(recorded)
+        if algo is None:
+            return None
+        if algo == CONTENT_HASH:
+            return self.wait_hash()
+        if algo not in self.other_hashes:
+            self.other_hashes[algo] = self.slide.content_hash(algo)
+        return self.other_hashes[algo]
 
     @property
     def block_start(self) -> np.ndarray:
@@ -426,9 +440,9 @@ def _in_store(st: PatchStore, sp: SlidePlan):
             if tuple(a.get("dimensions") or ()) == dims and a.get("content_bytes", nbytes) == nbytes]
     if not same:
         return None
-    h = sp.wait_hash()
     for e, a in same:
-        if a.get("content_hash") == h:
+        recorded = a.get("content_hash")
+        if recorded is not None and sp.hash_as(recorded) == recorded:
             return e
     found = None
     for e, a in entries:
