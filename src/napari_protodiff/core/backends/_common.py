@@ -34,6 +34,23 @@ def check_rgb8(path, dtype, samples: int, what: str = "image") -> None:
         raise SlideError(f"{path}: the {what} has {samples} channels; protodiff needs 8-bit RGB.")
 
 
+def empty_rgb(shape: tuple[int, ...]) -> np.ndarray:
+    """``np.empty(shape, np.uint8)`` for pixels that libjpeg-turbo decodes into: its data
+    starts 8 bytes past a 64-byte boundary, so no row is 16- or 32-byte aligned (for rows of
+    a multiple of 32 bytes, such as 256 RGB pixels).
+
+    libjpeg-turbo's SIMD colour conversion writes rows that are aligned with non-temporal
+    stores (``movntdq``, past the cache) and others with ordinary ones. Tiling reads every
+    decoded patch again at once (to write it to the store), so the cache is where the
+    pixels should go: decoding a 256-px tile into an aligned buffer takes 0.48 ms here, into
+    this one 0.37 ms (benchmarks/tiling.py, docs/benchmarks.md). A buffer from ``np.empty``
+    is aligned or not by chance of the allocator."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + 64, np.uint8)
+    start = (8 - raw.ctypes.data) % 64
+    return raw[start:start + n].reshape(shape)
+
+
 def padded_read(read, level_w: int, level_h: int, x: int, y: int, w: int, h: int) -> np.ndarray:
     """Call ``read(x0, y0, x1, y1)`` on the in-bounds part of a region and pad with white."""
     out = np.full((h, w, 3), 255, dtype=np.uint8)

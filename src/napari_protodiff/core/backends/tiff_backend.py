@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import SlideError
 from ..slide import LevelInfo
-from ._common import check_rgb8, level_dask, padded_read
+from ._common import check_rgb8, empty_rgb, level_dask, padded_read
 
 _RES_UNIT_UM = {2: 25400.0, 3: 10000.0}  # inch, centimetre (tifffile RESUNIT values)
 _OME_UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -114,7 +114,7 @@ class _TiledLevel:
                 for tx in range(cx0 // tw, (cx1 - 1) // tw + 1):
                     t = cache.get((tx, ty))
                     if t is None:
-                        t = np.empty((th, tw, 3), np.uint8)
+                        t = empty_rgb((th, tw, 3))
                         self.tile_into(tx, ty, t)
                         cache[(tx, ty)] = t
                     gx0, gy0 = tx * tw, ty * th
@@ -135,9 +135,10 @@ class _TiledLevel:
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        t = empty_rgb((self.th, self.tw, 3))  # each tile decoded here, then copied (see empty_rgb)
         for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
             for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1):
-                t = self.tile(tx, ty)
+                self.tile_into(tx, ty, t)
                 gx0, gy0 = tx * self.tw, ty * self.th
                 sx0, sy0 = max(x0, gx0), max(y0, gy0)
                 sx1, sy1 = min(x1, gx0 + self.tw), min(y1, gy0 + self.th)
@@ -249,7 +250,7 @@ class TiffBackend:
         Equal to ``read_region(level, xs[i], ys[i], size, size)`` for each ``i``, but decodes
         each tile once, and decodes tiles that are patches straight into the result.
         """
-        out = np.empty((len(xs), size, size, 3), np.uint8)
+        out = empty_rgb((len(xs), size, size, 3))  # decoded into at once where patches are tiles
         reader = self._readers[level]
         if isinstance(reader, _TiledLevel):
             reader.read_patches(np.asarray(xs, np.int64), np.asarray(ys, np.int64), size, out)
