@@ -102,3 +102,42 @@ def test_cli_still_crashes_on_an_import_error_of_its_own(monkeypatch):
     monkeypatch.setattr(cli, "app", broken)
     with pytest.raises(ImportError):
         cli.main(["tile", "x.svs"])
+
+
+def test_a_signal_whose_exception_python_dropped_still_cancels_at_the_next_step(tmp_path, monkeypatch):
+    """SIGTERM landing in a ``__del__``: Python prints the handler's exception ("Exception ignored")
+    and goes on, SIGTERM now ignored; the job still ends ``cancelled`` at its next progress event
+    instead of running on until it is killed (a flake of the Evaluation widget's cancel test)."""
+    from napari_protodiff.cli._common import run_with_progress
+    from napari_protodiff.core.progress import Progress
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here, inside __del__
+                pass
+
+    from napari_protodiff.core.interrupts import Terminated
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    rd = RunDir.prepare(tmp_path / "run", "test", {})
+    steps = []
+
+    def job():
+        with rd.running():
+            for i in range(50):
+                if i == 3:
+                    Finalised()  # collected at once
+                steps.append(i)
+                yield Progress(i + 1, 50, f"step {i}")
+
+    for quiet in (True, False):
+        steps.clear()
+        with pytest.raises(Cancelled, match=r"Cancelled \(SIGTERM\)"):
+            with cancel_on_signals():
+                run_with_progress(job(), quiet=quiet)
+        assert steps == [0, 1, 2, 3]
+        assert RunDir.open(tmp_path / "run").state == "cancelled"
+    assert dropped == [Terminated, Terminated]  # Python did drop the handler's exception
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the command's handlers are gone

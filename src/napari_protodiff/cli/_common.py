@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, Iterator
 
+from ..core.interrupts import raise_if_signalled
 from ..core.progress import Progress
 
 
@@ -20,6 +21,7 @@ def run_with_progress(gen: Iterator[Progress], quiet: bool = False):
         try:
             while True:
                 next(gen)
+                raise_if_signalled()  # a signal whose exception Python dropped (see there)
         except StopIteration as stop:
             return stop.value
         finally:
@@ -38,6 +40,7 @@ def run_with_progress(gen: Iterator[Progress], quiet: bool = False):
         try:
             while True:
                 ev = next(gen)
+                raise_if_signalled()
                 now = time.monotonic()
                 redraw, last = (now - last >= 0.1), (now if now - last >= 0.1 else last)
                 bar.update(task, completed=ev.step, total=ev.total or None, description=ev.message[:60], refresh=redraw)

@@ -44,6 +44,21 @@ def signal_received() -> int | None:
     return _STATE["received"]
 
 
+def raise_if_signalled() -> None:
+    """Raise, once more, the interruption of a signal that arrived but did not stop the job.
+
+    Python runs a signal handler in whatever code the main thread is executing, and when that
+    is a ``__del__`` method, a weakref or garbage-collector callback, the handler's exception
+    is printed ("Exception ignored in ...") and dropped: the job would go on, with SIGTERM
+    now ignored, until the Jobs widget's grace ran out and it was killed. Long jobs call this
+    between steps (:func:`napari_protodiff.cli._common.run_with_progress` after every
+    progress event), so such a job ends ``cancelled`` at its next step instead. A no-op
+    without a signal, and inside :func:`signals_held` (which raises it when done)."""
+    signum = _STATE["received"]
+    if signum is not None and not _STATE["depth"]:
+        raise _interrupt(signum)
+
+
 @contextlib.contextmanager
 def cancel_on_signals() -> Iterator[None]:
     """While inside, SIGTERM raises :class:`Terminated` and SIGINT raises KeyboardInterrupt, so a run
