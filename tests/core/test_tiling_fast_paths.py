@@ -56,6 +56,26 @@ def test_read_patches_equals_read_region(jpeg_tiff, size, xs, ys):
             np.testing.assert_array_equal(got[i], s.read_region(0, x, y, size, size))
 
 
+def test_regions_and_patches_equal_tifffiles_own_decoding(jpeg_tiff):
+    """Region reads and patches decode each JPEG tile into a buffer of their own (unaligned
+    rows, see empty_rgb); the pixels are tifffile's, whole level and edges included."""
+    from napari_protodiff.core.backends._common import empty_rgb
+
+    with tifffile.TiffFile(jpeg_tiff) as tif:
+        ref = tif.pages[0].asarray()
+    with open_slide(jpeg_tiff) as s:
+        h, w = ref.shape[:2]
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, w, h), ref)
+        np.testing.assert_array_equal(s.read_region(0, 100, 37, 300, 420), ref[37:457, 100:400])
+        got = s._backend.read_patches(0, np.array([0, 256]), np.array([256, 0]), 256)
+        np.testing.assert_array_equal(got[0], ref[256:512, :256])
+        np.testing.assert_array_equal(got[1], ref[:256, 256:512])
+        assert got.ctypes.data % 32 != 0 and got.flags.c_contiguous  # the cached-store path of libjpeg-turbo
+    for shape in ((256, 256, 3), (5, 240, 240, 3), (1, 1, 3)):
+        a = empty_rgb(shape)
+        assert a.shape == shape and a.dtype == np.uint8 and a.flags.c_contiguous and a.ctypes.data % 64 == 8
+
+
 @pytest.mark.parametrize("size,mpp", [(256, 0.5), (128, 1.0), (100, 0.6)])
 def test_read_block_equals_region_crops(jpeg_tiff, size, mpp):
     with open_slide(jpeg_tiff) as s:
