@@ -91,6 +91,20 @@ def test_read_block_equals_region_crops(jpeg_tiff, size, mpp):
                 np.testing.assert_array_equal(pix[i], crop)
 
 
+@pytest.mark.parametrize("size,mpp", [(256, 0.5), (128, 1.0), (100, 0.6)])
+def test_iter_block_gives_read_blocks_patches(jpeg_tiff, size, mpp):
+    """Patch by patch (one reused buffer where patches are tiles) equals the whole block."""
+    from napari_protodiff.core.grid import iter_block
+
+    with open_slide(jpeg_tiff) as s:
+        grid = plan_grid(s, detect_tissue(s), size, mpp, 0.0, block_px=512)
+        args = (s, grid.level, grid.level_downsample, grid.read_size, size)
+        for b in range(grid.n_blocks):
+            c = grid.coords[grid.block_start[b] : grid.block_start[b + 1]]
+            got = [p.copy() for p in iter_block(*args, c)]
+            np.testing.assert_array_equal(np.stack(got), read_block(*args, c))
+
+
 def _files(root):
     out = {}
     for d, _, names in os.walk(root):
@@ -347,10 +361,16 @@ def test_worker_shard_files_are_what_zarr_writes(tmp_path, compression):
             assert spec is not None and (spec["blosc"] == "raw") == (compression == "none")
             encode = _compressor(spec["blosc"])
             for i, s0 in enumerate(range(0, n, k)):
-                write_shard_file(os.path.join(spec["root"], spec["keys"][i]), patch_rows(pix[s0 : s0 + k]), k,
-                                 spec["fill"], encode)
+                # as tile_block gives them: a generator (one reused buffer), the raw size reserved
+                # (more than is written where a patch is the fill value: the file is cut back)
+                buf = np.empty_like(pix[0]).reshape(-1)
+                rows = (np.copyto(buf, r) or buf for r in patch_rows(pix[s0 : s0 + k]))
+                hint = len(pix[s0 : s0 + k]) * pix[0].nbytes + 16 * k + 4 if spec["blosc"] == "raw" else 0
+                write_shard_file(os.path.join(spec["root"], spec["keys"][i]), rows, k, spec["fill"], encode, hint)
         written[how] = _read_back(tmp_path / f"{how}.zarr", pix, patch_reader)
     assert written["zarr"] == written["worker"]
+    for f in (tmp_path / "worker.zarr" / "patches").iterdir():  # nothing reserved is left past the end
+        assert f.stat().st_blocks * 512 <= -(-f.stat().st_size // 4096) * 4096
     shard0 = (tmp_path / "worker.zarr" / "patches" / "c.0.0.0.0").read_bytes()
     if compression == "none":  # the chunks are the patches' bytes, one after the other
         assert shard0[: 4 * pix[0].nbytes] == pix[:4].tobytes()

@@ -10,6 +10,7 @@ by block, row-major within a block.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -144,6 +145,20 @@ def plan_grid(
         block_start=block_start,
         all_fractions=fr,
     )
+
+
+def iter_block(slide: Slide, plan_level: int, lds: float, read_size: int, patch_size: int,
+               coords: np.ndarray) -> Iterator[np.ndarray]:
+    """The patches of :func:`read_block`, one at a time: where the backend can, and patches
+    need no resampling, each is decoded into one reused buffer (valid until the next one
+    is asked for), so that it is written out while still in the CPU's cache."""
+    iter_patches = getattr(slide._backend, "iter_patches", None)
+    if iter_patches is not None and read_size == patch_size:
+        lx = np.floor(coords[:, 0] / lds + 1e-6).astype(np.int64)
+        ly = np.floor(coords[:, 1] / lds + 1e-6).astype(np.int64)
+        yield from iter_patches(plan_level, lx, ly, read_size)
+        return
+    yield from read_block(slide, plan_level, lds, read_size, patch_size, coords)
 
 
 def read_block(slide: Slide, plan_level: int, lds: float, read_size: int, patch_size: int,

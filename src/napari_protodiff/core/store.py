@@ -18,13 +18,14 @@ after; readers skip incomplete slides, and tiling the same slide again resumes i
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import re
 import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -296,11 +297,45 @@ def _write_all(fd: int, data) -> None:
         data = data[os.write(fd, data) :]
 
 
-def write_shard_file(path: str, rows: Sequence[np.ndarray], k: int, fill: int, encode: Callable[[np.ndarray], bytes]) -> None:
+@functools.cache
+def _fallocate():
+    """libc's ``fallocate`` (Linux), or ``None``: unlike ``os.posix_fallocate`` it never
+    falls back to writing zeros where the file system cannot reserve space."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        f = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    f.restype = ctypes.c_int
+    return f
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` for a file being written (``FALLOC_FL_KEEP_SIZE``: its size stays
+    what is written), if the file system can; otherwise nothing."""
+    f = _fallocate()
+    if f is not None:
+        f(fd, 1, 0, nbytes)  # 1 = FALLOC_FL_KEEP_SIZE; a failure (EOPNOTSUPP...) changes nothing
+
+
+def write_shard_file(path: str, rows: Iterable[np.ndarray], k: int, fill: int, encode: Callable[[np.ndarray], bytes],
+                     size_hint: int = 0) -> None:
     """Write one shard file of a sharded patch array, byte for byte what zarr writes: the
     encoded chunks that are not all ``fill``, then the (K, 2) little-endian index of
     (offset, length) pairs and its CRC-32C. The file is written under a temporary name
-    and renamed into place; a shard of fill values only is not stored (an old one is removed)."""
+    and renamed into place; a shard of fill values only is not stored (an old one is removed).
+
+    ``rows`` (flat uint8 patches, at most ``k``) may be a generator that decodes each patch
+    into one reused buffer: each is written before the next is asked for. ``size_hint``:
+    the file's expected size (known for raw patches), reserved at once where the file
+    system can (fewer, larger block allocations than one per write)."""
     import google_crc32c  # zarr's own CRC-32C for shard indexes
 
     # Each chunk is written as soon as it is encoded, while it is still in the CPU's
@@ -311,16 +346,22 @@ def write_shard_file(path: str, rows: Sequence[np.ndarray], k: int, fill: int, e
     offset = 0
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        for i in range(len(rows)):
-            if _is_fill(rows[i], fill):
+        if size_hint > 0:
+            _reserve(fd, size_hint)
+        for i, row in enumerate(rows):
+            if i >= k:
+                raise ValueError(f"more than {k} patches for one shard")
+            if _is_fill(row, fill):
                 continue
-            data = encode(rows[i])
+            data = encode(row)
             _write_all(fd, data)
             index[i] = (offset, len(data))
             offset += len(data)
         if offset:
             index_bytes = index.tobytes()
             _write_all(fd, index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+            if size_hint > offset + len(index_bytes) + 4:  # fewer patches than reserved (fill values)
+                os.ftruncate(fd, offset + len(index_bytes) + 4)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)

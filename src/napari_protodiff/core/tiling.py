@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ProtodiffError, SlideError, StoreError
 from .executor import release_warm, run_tasks, warm_up
-from .grid import GridPlan, plan_grid, read_block
+from .grid import GridPlan, iter_block, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import CONTENT_HASH, Slide, check_mpp_value, hash_algorithm, open_slide
-from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_rows, patch_writer, shard_file_spec,
+from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_writer, shard_file_spec,
                     slide_id_from_path, versions, write_shard_file)
 from .tissue import TissueMask, TissueParams, detect_tissue
 
@@ -266,12 +266,16 @@ def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
     slide = _worker_slide(task["path"], task["mpp_override"])
     s, e = task["start"], task["stop"]
     coords, parts = task["coords"], task["parts"]
-    reads = [read_block(slide, task["level"], task["lds"], task["read_size"], task["size"], coords[a:b])
-             for a, b in zip(parts[:-1], parts[1:])]
+    args = (slide, task["level"], task["lds"], task["read_size"], task["size"])
     shard = task.get("shard_file")
     if shard is not None:
-        write_shard_file(shard["path"], patch_rows(reads), shard["k"], shard["fill"], _compressor(shard["blosc"]))
+        # Patch by patch: each is decoded and written out while it is still in the cache.
+        rows = (p.reshape(-1) for a, b in zip(parts[:-1], parts[1:]) for p in iter_block(*args, coords[a:b]))
+        raw = shard["blosc"] == "raw"
+        size_hint = (e - s) * task["size"] ** 2 * 3 + 16 * shard["k"] + 4 if raw else 0
+        write_shard_file(shard["path"], rows, shard["k"], shard["fill"], _compressor(shard["blosc"]), size_hint)
     else:
+        reads = [read_block(*args, coords[a:b]) for a, b in zip(parts[:-1], parts[1:])]
         _worker_patch_writer(task["store"], task["slide_id"])(s, reads)  # the parts in order, not joined
     return task["slide_id"], task["block"], e - s
 

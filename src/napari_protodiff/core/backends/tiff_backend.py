@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -86,6 +87,12 @@ class _TiledLevel:
                 pass  # let tifffile's decoder handle (or report) anything unusual
         out[...] = self.tile(tx, ty)
 
+    def patches_are_tiles(self, xs: np.ndarray, ys: np.ndarray, size: int) -> bool:
+        """Is every ``size``-px square at (``xs[i]``, ``ys[i]``) exactly one whole tile?"""
+        return bool(len(xs) and size == self.tw == self.th and not (np.any(xs % self.tw) or np.any(ys % self.th))
+                    and xs.min() >= 0 and ys.min() >= 0
+                    and xs.max() + size <= self.width and ys.max() + size <= self.height)
+
     def read_patches(self, xs: np.ndarray, ys: np.ndarray, size: int, out: np.ndarray) -> None:
         """Fill ``out[i]`` with the ``size``-px square at (``xs[i]``, ``ys[i]``); white outside the image.
 
@@ -95,8 +102,7 @@ class _TiledLevel:
         n = len(xs)
         if n == 0:
             return
-        if (size == tw == th and not (np.any(xs % tw) or np.any(ys % th)) and xs.min() >= 0 and ys.min() >= 0
-                and xs.max() + size <= self.width and ys.max() + size <= self.height):
+        if self.patches_are_tiles(xs, ys, size):
             for i in range(n):  # a patch is a tile: decode in place
                 self.tile_into(int(xs[i]) // tw, int(ys[i]) // th, out[i])
             return
@@ -260,6 +266,20 @@ class TiffBackend:
             for i, (x, y) in enumerate(zip(xs, ys)):
                 out[i] = region[int(y) - y0 : int(y) - y0 + size, int(x) - x0 : int(x) - x0 + size]
         return out
+
+    def iter_patches(self, level: int, xs: np.ndarray, ys: np.ndarray, size: int) -> Iterator[np.ndarray]:
+        """The patches of :meth:`read_patches` one at a time. Where patches are whole JPEG
+        tiles, each is decoded into one reused buffer (still in the CPU's cache when the
+        caller writes it out): a patch is valid until the next one is asked for."""
+        xs, ys = np.asarray(xs, np.int64), np.asarray(ys, np.int64)
+        reader = self._readers[level]
+        if isinstance(reader, _TiledLevel) and reader.patches_are_tiles(xs, ys, size):
+            buf = empty_rgb((size, size, 3))
+            for x, y in zip(xs.tolist(), ys.tolist()):
+                reader.tile_into(x // reader.tw, y // reader.th, buf)
+                yield buf
+            return
+        yield from self.read_patches(level, xs, ys, size)
 
     def level_dask(self, level: int):
         return level_dask(self, level)
