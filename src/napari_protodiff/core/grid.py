@@ -154,11 +154,14 @@ def iter_block(slide: Slide, plan_level: int, lds: float, read_size: int, patch_
     is asked for), so that it is written out while still in the CPU's cache."""
     iter_patches = getattr(slide._backend, "iter_patches", None)
     if iter_patches is not None and read_size == patch_size:
-        lx = np.floor(coords[:, 0] / lds + 1e-6).astype(np.int64)
-        ly = np.floor(coords[:, 1] / lds + 1e-6).astype(np.int64)
-        yield from iter_patches(plan_level, lx, ly, read_size)
+        yield from iter_patches(plan_level, *_level_xy(coords, lds), read_size)
         return
     yield from read_block(slide, plan_level, lds, read_size, patch_size, coords)
+
+
+def _level_xy(coords: np.ndarray, lds: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 ``coords`` as pixel positions on a level ``lds`` times smaller."""
+    return (np.floor(coords[:, 0] / lds + 1e-6).astype(np.int64), np.floor(coords[:, 1] / lds + 1e-6).astype(np.int64))
 
 
 def read_block(slide: Slide, plan_level: int, lds: float, read_size: int, patch_size: int,
@@ -170,8 +173,7 @@ def read_block(slide: Slide, plan_level: int, lds: float, read_size: int, patch_
     """
     from PIL import Image
 
-    lx = np.floor(coords[:, 0] / lds + 1e-6).astype(np.int64)
-    ly = np.floor(coords[:, 1] / lds + 1e-6).astype(np.int64)
+    lx, ly = _level_xy(coords, lds)
     read_patches = getattr(slide._backend, "read_patches", None)
     if read_patches is not None:
         crops = read_patches(plan_level, lx, ly, read_size)
