@@ -274,9 +274,8 @@ def _decoder(into_buffer: bool, tile_shape: tuple[int, int]):
     decodes in 0.48 ms into an aligned buffer and 0.37 ms into an unaligned one. Whether
     an array from the allocator is aligned is chance (the same chance for every tile of
     a process, so a whole floor run is slow or fast); protodiff's reader places its
-    buffers unaligned on purpose (``napari_protodiff.core.backends._common.empty_rgb``)."""
+    buffers unaligned on purpose, and so does this floor (the same ``empty_rgb``)."""
     import imagecodecs
-    import numpy as np
 
     if not into_buffer:
         def decode(data: bytes) -> int:
@@ -284,10 +283,9 @@ def _decoder(into_buffer: bool, tile_shape: tuple[int, int]):
             return a.shape[0] * a.shape[1]
 
         return decode
-    n = tile_shape[0] * tile_shape[1] * 3  # a TIFF's tiles all have the tile size
-    raw = np.empty(n + 64, np.uint8)
-    start = (8 - raw.ctypes.data) % 64
-    out = raw[start:start + n].reshape(*tile_shape, 3)
+    from napari_protodiff.core.backends._common import empty_rgb
+
+    out = empty_rgb((*tile_shape, 3))  # a TIFF's tiles all have the tile size
 
     def into(data: bytes) -> int:
         imagecodecs.jpeg8_decode(data, out=out)

@@ -23,8 +23,8 @@ from napari_protodiff.core.grid import plan_grid, read_block
 from napari_protodiff.core.slide import open_slide
 from napari_protodiff.core.errors import StoreError
 from napari_protodiff.core.store import (COMPRESSIONS, PATCH_CHUNK_KEYS, block_marker, blocks_done,
-                                         patch_compressors, patch_reader, patch_rows, patch_writer, shard_file_spec,
-                                         shard_reader, write_shard_file)
+                                         patch_compressors, patch_reader, patch_rows, patch_writer, raw_shard_nbytes,
+                                         shard_file_spec, shard_reader, write_shard_file)
 from napari_protodiff.core.tissue import detect_tissue
 
 
@@ -365,7 +365,7 @@ def test_worker_shard_files_are_what_zarr_writes(tmp_path, compression):
                 # (more than is written where a patch is the fill value: the file is cut back)
                 buf = np.empty_like(pix[0]).reshape(-1)
                 rows = (np.copyto(buf, r) or buf for r in patch_rows(pix[s0 : s0 + k]))
-                hint = len(pix[s0 : s0 + k]) * pix[0].nbytes + 16 * k + 4 if spec["blosc"] == "raw" else 0
+                hint = raw_shard_nbytes(spec, len(pix[s0 : s0 + k]), pix[0].nbytes)
                 write_shard_file(os.path.join(spec["root"], spec["keys"][i]), rows, k, spec["fill"], encode, hint)
         written[how] = _read_back(tmp_path / f"{how}.zarr", pix, patch_reader)
     assert written["zarr"] == written["worker"]

@@ -297,6 +297,17 @@ def _write_all(fd: int, data) -> None:
         data = data[os.write(fd, data) :]
 
 
+def _index_nbytes(k: int) -> int:
+    """Bytes of a shard's index: (offset, length) as two uint64 per chunk, then a CRC-32C."""
+    return 16 * k + 4
+
+
+def raw_shard_nbytes(spec: dict[str, Any], n: int, patch_nbytes: int) -> int:
+    """The size of a shard file of ``n`` patches for a shard spec (:func:`shard_file_spec`)
+    of raw patches (each chunk is the patch's bytes), or 0 when compressed (not known ahead)."""
+    return n * patch_nbytes + _index_nbytes(spec["k"]) if spec["blosc"] == _RAW else 0
+
+
 @functools.cache
 def _fallocate():
     """libc's ``fallocate`` (Linux), or ``None``: unlike ``os.posix_fallocate`` it never
@@ -334,7 +345,7 @@ def write_shard_file(path: str, rows: Iterable[np.ndarray], k: int, fill: int, e
 
     ``rows`` (flat uint8 patches, at most ``k``) may be a generator that decodes each patch
     into one reused buffer: each is written before the next is asked for. ``size_hint``:
-    the file's expected size (known for raw patches), reserved at once where the file
+    the file's expected size (:func:`raw_shard_nbytes`), reserved at once where the file
     system can (fewer, larger block allocations than one per write)."""
     import google_crc32c  # zarr's own CRC-32C for shard indexes
 
@@ -360,8 +371,8 @@ def write_shard_file(path: str, rows: Iterable[np.ndarray], k: int, fill: int, e
         if offset:
             index_bytes = index.tobytes()
             _write_all(fd, index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
-            if size_hint > offset + len(index_bytes) + 4:  # fewer patches than reserved (fill values)
-                os.ftruncate(fd, offset + len(index_bytes) + 4)
+            if size_hint > offset + _index_nbytes(k):  # fewer patches than reserved (fill values)
+                os.ftruncate(fd, offset + _index_nbytes(k))
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -389,7 +400,7 @@ def shard_reader(arr) -> Callable[[int], np.ndarray] | None:
 
     k, fill, root, key, shape = lay["k"], lay["fill"], lay["root"], lay["key"], lay["patch_shape"]
     decode = _decoder(lay["blosc"])
-    nbytes_index = k * 16 + 4
+    nbytes_index = _index_nbytes(k)
     indexes: dict[int, np.ndarray | None] = {}
 
     def shard_index(sh: int, fd: int) -> np.ndarray:

@@ -25,8 +25,8 @@ from .executor import release_warm, run_tasks, warm_up
 from .grid import GridPlan, iter_block, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import CONTENT_HASH, Slide, check_mpp_value, hash_algorithm, open_slide
-from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_writer, shard_file_spec,
-                    slide_id_from_path, versions, write_shard_file)
+from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_writer, raw_shard_nbytes,
+                    shard_file_spec, slide_id_from_path, versions, write_shard_file)
 from .tissue import TissueMask, TissueParams, detect_tissue
 
 
@@ -271,9 +271,8 @@ def tile_block(task: dict[str, Any]) -> tuple[str, int, int]:
     if shard is not None:
         # Patch by patch: each is decoded and written out while it is still in the cache.
         rows = (p.reshape(-1) for a, b in zip(parts[:-1], parts[1:]) for p in iter_block(*args, coords[a:b]))
-        raw = shard["blosc"] == "raw"
-        size_hint = (e - s) * task["size"] ** 2 * 3 + 16 * shard["k"] + 4 if raw else 0
-        write_shard_file(shard["path"], rows, shard["k"], shard["fill"], _compressor(shard["blosc"]), size_hint)
+        write_shard_file(shard["path"], rows, shard["k"], shard["fill"], _compressor(shard["blosc"]),
+                         raw_shard_nbytes(shard, e - s, task["size"] ** 2 * 3))
     else:
         reads = [read_block(*args, coords[a:b]) for a, b in zip(parts[:-1], parts[1:])]
         _worker_patch_writer(task["store"], task["slide_id"])(s, reads)  # the parts in order, not joined
