@@ -339,7 +339,6 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
         st, created = PatchStore.create(out, cfg.size, cfg.mpp), True
 
     new_ids: list[str] = []
-    markers: dict = {}
     try:
         for sp in plans:
             existing = _in_store(st, sp)
@@ -371,7 +370,7 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
             sp.blocks_todo = list(range(len(sp.block_start) - 1))
 
         # 3. read and write blocks in parallel
-        tasks = []
+        tasks, markers = [], {}
         for sp in plans:
             if not sp.blocks_todo:
                 continue
@@ -394,8 +393,6 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
             rate = done / max(1e-9, time.perf_counter() - t0)
             yield Progress(done, total, f"{done}/{total} patches", {"patches_per_second": rate})
         seconds = time.perf_counter() - t0
-        for m in markers.values():
-            m.flush()
         _record_hashes(st, plans, wait=True)
         for sp in plans:
             if sp.action != "skip":
@@ -408,13 +405,7 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
 
         exc = sys.exc_info()[1]
         interrupted = isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "Cancelled"
-        if interrupted:  # keep every block done so far
-            for m in markers.values():
-                try:
-                    m.flush()
-                except Exception:  # pragma: no cover - those blocks are written again on resume
-                    pass
-        else:
+        if not interrupted:
             for sid in new_ids:
                 st.remove_slide(sid)
             if created and not st.slide_ids:
