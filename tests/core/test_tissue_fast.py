@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 from skimage import color
 
-from napari_protodiff.core.tissue import _close_cross, _hue, _remove_small, _rgb2hsv, _saturation_value, detect_tissue_rgb
+from napari_protodiff.core.tissue import (_close_cross, _hue, _remove_small, _rgb2hsv, _saturation_value, _select_components,
+                                          detect_tissue_rgb)
 
 
 def test_rgb2hsv_lookup_equals_skimage(ink_jpeg, he_png):
@@ -83,6 +84,31 @@ def test_removing_specks_in_the_bounding_box_equals_labelling_everything():
                     out = _remove_small(m, n)
                     assert out.shape == m.shape and out.dtype == bool
                     np.testing.assert_array_equal(out, plain(m, n) if m.any() else m)
+
+
+def test_components_labelled_in_bands_equal_one_labelling():
+    """Labelling in bands (one a thread) and joining components across the seams gives the
+    components, and sizes, of one labelling of the whole mask: 4- and 8-connectivity, seams
+    crossed straight and only diagonally, components spanning every band."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    masks = [rng.random((257, 300)) < p for p in (0.3, 0.45, 0.55, 0.7)]
+    diag = np.zeros((128, 128), bool)  # a staircase: one 8-connected component, 128 4-connected ones
+    diag[np.arange(128), np.arange(128)] = True
+    stripes = np.zeros((200, 50), bool)
+    stripes[:, ::2] = True  # vertical lines through every band
+    masks += [diag, stripes, np.zeros((130, 10), bool), np.ones((130, 10), bool)]
+    for m in masks:
+        for conn in (1, 2):
+            lab, _ = ndimage.label(m, structure=ndimage.generate_binary_structure(2, conn))
+            sizes = np.bincount(lab.ravel())
+            for n in (2, 5, 9, int(np.median(sizes[1:])) if sizes.size > 1 else 1):
+                want = sizes >= n
+                want[0] = False
+                for bands in (1, 2, 3, 4, 7):
+                    got = _select_components(m, lambda s, n=n: s >= n, conn, n_bands=bands)
+                    np.testing.assert_array_equal(got, want[lab], err_msg=f"{conn=} {n=} {bands=}")
 
 
 def _reference_detect(rgb, p, mpp):

@@ -9,6 +9,7 @@ scale: ``downsample`` (level-0 pixels per mask pixel) and ``mpp`` (µm per mask 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +60,94 @@ class TissueMask:
         return float(sub.mean()) if sub.size else 0.0
 
 
+def _threads() -> int:
+    """Threads for one mask (numpy and scipy release the GIL in what runs here): the CPUs
+    this process may use, at most 4 (a mask has a few million pixels)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(4, n))
+
+
+def _bands(n_rows: int, n: int, min_rows: int = 64) -> list[slice]:
+    """``n`` (or fewer, each at least ``min_rows``) consecutive row slices covering ``n_rows``."""
+    n = max(1, min(n, n_rows // max(1, min_rows)))
+    edges = np.linspace(0, n_rows, n + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _map(fn, items: list) -> list:
+    """``[fn(x) for x in items]``, in threads when there are several."""
+    if len(items) <= 1 or _threads() <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(_threads(), len(items)), thread_name_prefix="protodiff-tissue") as pool:
+        return list(pool.map(fn, items))
+
+
+def _select_components(mask: np.ndarray, select, connectivity: int, n_bands: int | None = None) -> np.ndarray:
+    """The pixels of ``mask``'s connected components whose size (pixels) ``select(sizes)`` keeps.
+
+    The same as labelling the whole mask (``scipy.ndimage.label`` with 4- or 8-connectivity)
+    and looking each pixel's component up, done in horizontal bands, one a thread: each
+    band is labelled on its own, and components that touch across a seam (the last row
+    of one band, the first of the next; diagonally too with 8-connectivity) are joined
+    into one, with one size, before ``select`` sees them."""
+    from scipy import ndimage
+
+    bands = _bands(mask.shape[0], _threads() if n_bands is None else n_bands)
+    structure = ndimage.generate_binary_structure(2, connectivity)
+
+    def label(band: slice):
+        labels, n = ndimage.label(mask[band], structure=structure)
+        return labels, n, np.bincount(labels.ravel(), minlength=n + 1)
+
+    parts = _map(label, bands)
+    offsets = np.cumsum([0] + [n for _, n, _ in parts])  # band i's labels are offsets[i] + 1 .. offsets[i + 1]
+    sizes = np.zeros(int(offsets[-1]) + 1, np.int64)
+    for (_, n, counts), off in zip(parts, offsets[:-1]):
+        sizes[off + 1 : off + n + 1] = counts[1:]
+    comp = np.arange(sizes.size)
+    if len(parts) > 1 and offsets[-1]:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        a_ids, b_ids = [], []
+        for i in range(1, len(parts)):
+            a, b = parts[i - 1][0][-1], parts[i][0][0]  # the rows either side of a seam
+            for shift in ((0,) if connectivity == 1 else (-1, 0, 1)):  # b's column = a's + shift
+                aa = a[max(0, -shift) : a.size - max(0, shift)]
+                bb = b[max(0, shift) : b.size - max(0, -shift)]
+                touch = (aa > 0) & (bb > 0)
+                a_ids.append(aa[touch].astype(np.int64) + offsets[i - 1])
+                b_ids.append(bb[touch].astype(np.int64) + offsets[i])
+        ai, bi = np.concatenate(a_ids), np.concatenate(b_ids)
+        if ai.size:
+            graph = coo_matrix((np.ones(ai.size, np.int8), (ai, bi)), shape=(sizes.size, sizes.size))
+            comp = connected_components(graph, directed=False)[1]
+    comp_sizes = np.bincount(comp, weights=sizes).astype(np.int64)
+    keep = np.asarray(select(comp_sizes), dtype=bool)[comp]
+    keep[0] = False  # (label 0 is the background and its own component)
+    out = np.empty(mask.shape, bool)
+
+    def lookup(i: int) -> None:
+        labels, n, _ = parts[i]
+        lut = keep[offsets[i] : offsets[i] + n + 1].copy()
+        lut[0] = False
+        out[bands[i]] = lut[labels]
+
+    _map(lookup, list(range(len(parts))))
+    return out
+
+
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     """Drop connected components smaller than ``min_px`` pixels (8-connectivity).
 
     Components are labelled only inside the bounding box of the mask's pixels (none
     reaches outside it), and not at all when there are fewer pixels than ``min_px``
     (no component can be kept): a few pixels of ink cost nothing, not a full labelling."""
-    from skimage import measure
-
     if min_px <= 1:
         return mask
     n = int(np.count_nonzero(mask))
@@ -75,12 +156,8 @@ def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     if n < min_px:
         return np.zeros_like(mask)
     box = _bbox(mask)
-    labels = measure.label(mask[box], connectivity=2)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_px
-    keep[0] = False
     out = np.zeros_like(mask)
-    out[box] = keep[labels]
+    out[box] = _select_components(mask[box], lambda sizes: sizes >= min_px, connectivity=2)
     return out
 
 
@@ -91,16 +168,10 @@ def _bbox(mask: np.ndarray) -> tuple[slice, slice]:
 
 
 def _fill_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
-    """Fill background components smaller than ``max_px`` pixels."""
-    from skimage import measure
-
+    """Fill background components (4-connectivity) smaller than ``max_px`` pixels."""
     if max_px <= 0:
         return mask
-    labels = measure.label(~mask, connectivity=1)
-    sizes = np.bincount(labels.ravel())
-    small = sizes < max_px
-    small[0] = False
-    return mask | small[labels]
+    return mask | _select_components(~mask, lambda sizes: sizes < max_px, connectivity=1)
 
 
 def _close_cross(mask: np.ndarray) -> np.ndarray:
@@ -246,29 +317,48 @@ def detect_tissue_rgb(rgb: np.ndarray, params: TissueParams | None = None, mpp: 
     p = params or TissueParams()
     f, sat = _sv_tables()
     pmax = _pair_max()
-    mx, pair = _extremes(rgb)
     glass_v, dark_v = f > p.max_brightness, f < p.min_brightness  # by value, i.e. by the largest channel
     cand_pair = ~glass_v[pmax] & ~dark_v[pmax]
+    # In bands of rows (each small enough to stay in the CPU's cache), several at a time.
+    bands = _bands(rgb.shape[0], 4 * _threads(), min_rows=max(1, (1 << 18) // max(1, rgb.shape[1])))
+
+    def pairs(band: slice) -> tuple[np.ndarray, np.ndarray]:
+        pair = _extremes(rgb[band])[1]
+        return pair, np.bincount(pair.ravel(), minlength=1 << 16)
+
+    coded = _map(pairs, bands)
+    counts = np.sum([c for _, c in coded], axis=0) * cand_pair
     # Otsu on the saturation of non-glass pixels, never below the floor.
-    counts = np.bincount(pair.ravel(), minlength=1 << 16) * cand_pair
     present = counts > 0
     values, weights = sat[present], counts[present]
     thr = p.min_saturation
     if weights.sum() > 64 and values.max() - values.min() > 1e-3:
         thr = max(thr, _otsu_of_counts(values, weights) * 0.5)
-    tissue = (cand_pair & (sat > thr))[pair]
+    tissue_of_pair = cand_pair & (sat > thr)
+    ink_of_pair = (sat >= p.ink_min_saturation) & ~glass_v[pmax]
+    lo, hi = p.ink_hue_range
+    tissue = np.empty(rgb.shape[:2], bool)
+    ink = np.zeros(rgb.shape[:2], bool)
 
-    ink = np.zeros_like(tissue)
-    if p.reject_ink:
-        lo, hi = p.ink_hue_range
-        ink = ((sat >= p.ink_min_saturation) & ~glass_v[pmax])[pair]
+    def masks(i: int) -> None:
+        band, pair = bands[i], coded[i][0]
+        tissue[band] = tissue_of_pair[pair]
+        if not p.reject_ink:
+            return
+        px = rgb[band]
+        mx = (pair >> 8).astype(np.uint8)
+        k = ink_of_pair[pair]
         if lo > 1 / 6 and hi < 5 / 6:
             # A pixel whose red channel is the largest has a hue in [0, 1/6] or [5/6, 1)
             # (skimage lets green, then blue, override a tie): never pen ink's.
-            ink &= rgb[..., 0] < mx
-        hue = _hue(rgb[ink])  # hue only where it can matter
-        ink[ink] = (hue >= lo) & (hue <= hi)
-        ink |= dark_v[mx]  # black marker and debris
+            k &= px[..., 0] < mx
+        hue = _hue(px[k])  # hue only where it can matter
+        k[k] = (hue >= lo) & (hue <= hi)
+        k |= dark_v[mx]  # black marker and debris
+        ink[band] = k
+
+    _map(masks, list(range(len(bands))))
+    if p.reject_ink:
         ink = _ink_with_margin(ink, p, mpp)
         tissue &= ~ink
     return _clean(tissue, ink, p, mpp), ink
