@@ -111,9 +111,6 @@ def _select_components(mask: np.ndarray, select, connectivity: int, n_bands: int
         sizes[off + 1 : off + n + 1] = counts[1:]
     comp = np.arange(sizes.size)
     if len(parts) > 1 and offsets[-1]:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
         a_ids, b_ids = [], []
         for i in range(1, len(parts)):
             a, b = parts[i - 1][0][-1], parts[i][0][0]  # the rows either side of a seam
@@ -125,8 +122,7 @@ def _select_components(mask: np.ndarray, select, connectivity: int, n_bands: int
                 b_ids.append(bb[touch].astype(np.int64) + offsets[i])
         ai, bi = np.concatenate(a_ids), np.concatenate(b_ids)
         if ai.size:
-            graph = coo_matrix((np.ones(ai.size, np.int8), (ai, bi)), shape=(sizes.size, sizes.size))
-            comp = connected_components(graph, directed=False)[1]
+            comp = _joined(sizes.size, ai, bi)
     comp_sizes = np.bincount(comp, weights=sizes).astype(np.int64)
     keep = np.asarray(select(comp_sizes), dtype=bool)[comp]
     keep[0] = False  # (label 0 is the background and its own component)
@@ -140,6 +136,30 @@ def _select_components(mask: np.ndarray, select, connectivity: int, n_bands: int
 
     _map(lookup, list(range(len(parts))))
     return out
+
+
+def _joined(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component of each of ``n`` labels once label ``a[i]`` is joined with ``b[i]`` for every
+    ``i``: each the smallest label of its component (a union-find over the labels that
+    touch a seam, a few hundred on a tissue mask; the others are their own component)."""
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+    nodes, idx = np.unique(pairs, return_inverse=True)
+    idx = idx.reshape(-1, 2)
+    parent = list(range(nodes.size))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in idx.tolist():
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)  # nodes are sorted: the root is the smallest label
+    comp = np.arange(n)
+    comp[nodes] = nodes[[root(i) for i in range(nodes.size)]]
+    return comp
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
