@@ -85,6 +85,8 @@ class SlidePlan:
     other_hashes: dict[str, str] = field(default_factory=dict)
     """The slide's hash in older algorithms, computed only to compare with an older store."""
     hash_recorded: bool = False
+    hash_writer: "_Writer | None" = None
+    """The thread writing the hash into the slide's attributes while tiling runs."""
 
     @property
     def fingerprint(self) -> tuple[int, tuple[int, int]]:
@@ -404,6 +406,10 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
         import sys
 
         exc = sys.exc_info()[1]
+        try:  # nothing may write into a slide's group while it is removed (or after the run)
+            _join_writers(plans)
+        except Exception:  # pragma: no cover - the run's own error is the one to report
+            pass
         interrupted = isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "Cancelled"
         if not interrupted:
             for sid in new_ids:
@@ -459,15 +465,55 @@ def _in_store(st: PatchStore, sp: SlidePlan):
 
 
 def _record_hashes(st: PatchStore, plans: list[SlidePlan], wait: bool) -> None:
-    """Write each new slide's content hash into its attributes once it is known (``wait``:
-    wait for it; a slide is marked complete only after)."""
+    """Write each new slide's content hash into its attributes once it is known.
+
+    While tiling runs (``wait=False``) the write happens in a thread: it replaces the
+    group's ``zarr.json``, which can wait for the disk (see ``store.BlockMarker``), and
+    the loop handing out tasks must not. ``wait=True`` waits for every hash and write (a
+    slide is marked complete only after)."""
     for sp in plans:
         if sp.action == "skip" or sp.hash_recorded:
             continue
         if sp.content_hash is None and not (wait or sp.hashing.done()):
             continue
-        st.set_slide_attrs(sp.slide_id, content_hash=sp.wait_hash())
         sp.hash_recorded = True
+        if wait:
+            st.set_slide_attrs(sp.slide_id, content_hash=sp.wait_hash())
+        else:
+            sp.hash_writer = _Writer(st.set_slide_attrs, sp.slide_id, content_hash=sp.wait_hash())
+    if wait:
+        _join_writers(plans)
+
+
+def _join_writers(plans: list[SlidePlan]) -> None:
+    """Wait for every slide's attribute write still running (and raise its error)."""
+    for sp in plans:
+        w, sp.hash_writer = sp.hash_writer, None
+        if w is not None:
+            w.result()
+
+
+class _Writer:
+    """``fn(*args, **kwargs)`` in a thread; :meth:`result` waits and raises its error."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        import threading
+
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args, **kwargs)
+            except BaseException as exc:  # raised by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="protodiff-attrs", daemon=True)
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _grid_key(sp: SlidePlan, cfg: TilingConfig) -> str:
