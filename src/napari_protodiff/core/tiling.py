@@ -85,7 +85,7 @@ class SlidePlan:
     other_hashes: dict[str, str] = field(default_factory=dict)
     """The slide's hash in older algorithms, computed only to compare with an older store."""
     hash_recorded: bool = False
-    hash_writer: "_Writer | None" = None
+    hash_writer: "_InThread | None" = None
     """The thread writing the hash into the slide's attributes while tiling runs."""
 
     @property
@@ -156,33 +156,42 @@ def _tissue_and_grid(slide: Slide, config: TilingConfig) -> tuple[TissueMask, Gr
     return mask, grid
 
 
-class _Hashing:
-    """A slide's content hash computed in a thread (reading the whole file, GIL-free), so that
-    it overlaps tissue detection and, when no decision needs it, the tiling itself (a slow
-    or remote file does not hold up the start). A daemon thread: it never holds up the exit."""
+class _InThread:
+    """``fn(*args, **kwargs)`` in a daemon thread (it never holds up the exit): :meth:`result`
+    waits for its value and raises its error."""
 
-    def __init__(self, slide: Slide) -> None:
+    def __init__(self, name: str, fn, *args, **kwargs) -> None:
         import threading
 
-        self.nbytes, self.mtime_ns = slide.content_stat()
         self._out: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, args=(slide,), name="protodiff-hash", daemon=True)
-        self._thread.start()
 
-    def _run(self, slide: Slide) -> None:
-        try:
-            self._out["hash"] = slide.content_hash()
-        except BaseException as exc:  # raised in the caller
-            self._out["error"] = exc
+        def run() -> None:
+            try:
+                self._out["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # raised by result()
+                self._out["error"] = exc
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
 
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def result(self) -> str:
+    def result(self) -> Any:
         self._thread.join()
         if "error" in self._out:
             raise self._out["error"]
-        return self._out["hash"]
+        return self._out["value"]
+
+
+class _Hashing(_InThread):
+    """A slide's content hash computed in a thread (reading the whole file, GIL-free), so that
+    it overlaps tissue detection and, when no decision needs it, the tiling itself (a slow
+    or remote file does not hold up the start)."""
+
+    def __init__(self, slide: Slide) -> None:
+        self.nbytes, self.mtime_ns = slide.content_stat()
+        super().__init__("protodiff-hash", slide.content_hash)
 
 
 def _plan_and_hash(path: str | os.PathLike, config: TilingConfig) -> tuple[Slide, TissueMask, GridPlan, _Hashing]:
@@ -480,7 +489,7 @@ def _record_hashes(st: PatchStore, plans: list[SlidePlan], wait: bool) -> None:
         if wait:
             st.set_slide_attrs(sp.slide_id, content_hash=sp.wait_hash())
         else:
-            sp.hash_writer = _Writer(st.set_slide_attrs, sp.slide_id, content_hash=sp.wait_hash())
+            sp.hash_writer = _InThread("protodiff-attrs", st.set_slide_attrs, sp.slide_id, content_hash=sp.wait_hash())
     if wait:
         _join_writers(plans)
 
@@ -491,29 +500,6 @@ def _join_writers(plans: list[SlidePlan]) -> None:
         w, sp.hash_writer = sp.hash_writer, None
         if w is not None:
             w.result()
-
-
-class _Writer:
-    """``fn(*args, **kwargs)`` in a thread; :meth:`result` waits and raises its error."""
-
-    def __init__(self, fn, *args, **kwargs) -> None:
-        import threading
-
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args, **kwargs)
-            except BaseException as exc:  # raised by result()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="protodiff-attrs", daemon=True)
-        self._thread.start()
-
-    def result(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _grid_key(sp: SlidePlan, cfg: TilingConfig) -> str:
