@@ -87,7 +87,11 @@ def tile(
                            compression=compression)
     except ValueError as exc:
         raise ProtodiffError(validation_message(exc)) from None
-    result = run_with_progress(tile_slides(slides, output, cfg), quiet=quiet or as_json)
+    from ..core.interrupts import cancel_on_signals
+
+    # SIGTERM (a scheduler's stop) or Ctrl-C: the blocks written so far are kept, exit 130
+    with cancel_on_signals(resume="the same command resumes it, keeping the blocks already written"):
+        result = run_with_progress(tile_slides(slides, output, cfg), quiet=quiet or as_json)
     if as_json:
         print_json(result.to_dict())
         return

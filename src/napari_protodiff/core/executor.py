@@ -69,6 +69,19 @@ def _process_context(fn, preload: Sequence[str] = ()):
     return ctx
 
 
+def _worker_init() -> None:
+    """In each worker process: SIGINT and SIGTERM are ignored. Ctrl-C in a terminal, or a
+    scheduler's SIGTERM to the whole process group, reaches the workers too; the process
+    that hands out the tasks acts on it (stops handing out tasks, keeps what is done, see
+    ``core.interrupts``) and the workers finish the task in hand and exit with the pool,
+    instead of each dying mid-task with a traceback (a fork inherits the parent's handlers)."""
+    import signal
+
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 #: Worker pools forked by :func:`warm_up`, waiting for :func:`run_tasks` (by worker count).
 _WARM: dict[int, Any] = {}
 
@@ -114,7 +127,7 @@ def warm_up(fn: Callable[[Any], Any], workers: int = 1, scheduler: str | None = 
                 stream.flush()
             except Exception:  # pragma: no cover - a closed or odd stream
                 pass
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_worker_init)
         with warnings.catch_warnings():
             # Python >= 3.12 warns about any other OS thread (OpenBLAS's, see _can_fork)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -145,7 +158,8 @@ def _processes(fn, tasks, workers, cancel, preload=()) -> Iterator[Any]:
     todo = list(tasks)[::-1]
     pool = _WARM.pop(workers, None)
     if pool is None:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_process_context(fn, preload))
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_process_context(fn, preload),
+                                   initializer=_worker_init)
     running: set = set()
     with pool:
         try:

@@ -60,7 +60,7 @@ def raise_if_signalled() -> None:
 
 
 @contextlib.contextmanager
-def cancel_on_signals() -> Iterator[None]:
+def cancel_on_signals(resume: str = "the same command with --resume starts it again") -> Iterator[None]:
     """While inside, SIGTERM raises :class:`Terminated` and SIGINT raises KeyboardInterrupt, so a run
     directory's ``running()`` marks the job ``cancelled``; leaving, either (or any error that follows a
     signal) becomes :class:`~napari_protodiff.core.errors.Cancelled` (the CLI: one sentence, exit 130).
@@ -68,7 +68,7 @@ def cancel_on_signals() -> Iterator[None]:
     The first SIGTERM is the only one acted on (later ones are ignored, so the clean-up that
     follows is not interrupted). Installed only in the main thread; elsewhere a no-op.
     A stage that handles SIGTERM itself (pretraining stops after its current step) replaces
-    the handler while it runs and restores it after.
+    the handler while it runs and restores it after. ``resume``: how to go on, for the message.
     """
     import signal
 
@@ -97,7 +97,7 @@ def cancel_on_signals() -> Iterator[None]:
         if not by_signal or isinstance(exc, (Cancelled, SystemExit)):
             raise
         how = "SIGTERM" if isinstance(exc, Terminated) or signum == signal.SIGTERM else "Ctrl-C"
-        raise Cancelled(f"Cancelled ({how}); the same command with --resume starts it again.") from None
+        raise Cancelled(f"Cancelled ({how}); {resume}.") from None
     finally:
         _STATE["pending"] = None
         _STATE["received"] = outer

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ProtodiffError, SlideError, StoreError
 from .executor import release_warm, run_tasks, warm_up
+from .interrupts import signal_received
 from .grid import GridPlan, iter_block, plan_grid, read_block
 from .progress import CancelToken, Progress
 from .slide import CONTENT_HASH, Slide, check_mpp_value, hash_algorithm, open_slide
@@ -419,7 +420,10 @@ def _tile_slides(paths, store, config, cancel) -> Iterator[Progress]:
             _join_writers(plans)
         except Exception:  # pragma: no cover - the run's own error is the one to report
             pass
-        interrupted = isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "Cancelled"
+        # (a signal counts even when another error came first: SIGTERM sent to the whole
+        # process group also ends the workers, and their broken pool may be reported first)
+        interrupted = (isinstance(exc, (KeyboardInterrupt, GeneratorExit)) or type(exc).__name__ == "Cancelled"
+                       or signal_received() is not None)
         if not interrupted:
             for sid in new_ids:
                 st.remove_slide(sid)
