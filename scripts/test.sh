@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (system packages, .venv) and run the whole test suite, GUI tests included (under Xvfb).
 #
-# With no arguments: the headless tests on two pytest-xdist workers (one worker per test folder,
-# so session fixtures are built once), then the GUI tests (tests/gui) serially, because they
+# With no arguments: the headless tests on two pytest-xdist workers (tests/diffusion on one of them,
+# so its tiny model is trained once: tests/conftest.py), then the GUI tests (tests/gui) serially, because they
 # measure the viewer's responsiveness and must not share the CPU with another test process.
 # With arguments: exactly `pytest ARGS` (e.g. `bash scripts/test.sh tests/core -q`).
 set -euo pipefail
