@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import ProtodiffError, SlideError, StoreError
 from .executor import release_warm, run_tasks, warm_up
-from .interrupts import signal_received
 from .grid import GridPlan, iter_block, plan_grid, read_block
+from .interrupts import signal_received
 from .progress import CancelToken, Progress
 from .slide import CONTENT_HASH, Slide, check_mpp_value, hash_algorithm, open_slide
 from .store import (COMPRESSIONS, PatchStore, block_marker, blosc_compressor, patch_writer, raw_shard_nbytes,
