@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from napari_protodiff.core.store import PatchStore
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -57,8 +59,6 @@ def _wait_for_blocks(p, store, deadline_s=120):
         time.sleep(0.02)
     assert p.poll() is None, ("tiling finished before it could be stopped", p.communicate())
 
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["process", "process-group"])

@@ -489,7 +489,7 @@ class BlockMarker:
     leaves is a set of blocks that are all done. Nothing is created, replaced or freed
     while tiling runs; replacing a file frees its old blocks, and on a file system mounted
     with ``discard`` and no journal (this machine's) that waits for the disk, behind the
-    patches being written back: 0.1-0.6 s, during which no new task would be handed out.
+    patches being written back: 0.1-1 s, during which no new task would be handed out.
     Any other layout (stores from before 2026-11-30: one compressed chunk a block) is
     written through zarr.
     """
